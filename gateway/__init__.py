@@ -1,0 +1,1 @@
+"""The dreamsight gateway: keys, tiers, metering, proxy and metrics (to come)."""

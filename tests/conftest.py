@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dreamsight_server.images import ImageLimits
+from dreamsight_server.lifecycle import ServerOptions
 
 # vLLM on CPU needs an explicit KV-cache size (GiB); keep it small here.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -25,3 +32,47 @@ def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from diffusion_service import demo_model
 
     return demo_model.build(tmp_path_factory.mktemp("models") / "sd-demo")
+
+
+@pytest.fixture(scope="session")
+async def vision(llava_dir: Path) -> Any:
+    """One real vision service (vLLM on the demo LLaVA) for the whole session.
+
+    Health is recorded before and after loading, so the transition can be
+    asserted without a second engine.
+    """
+    from vision_service.config import VisionSettings
+    from vision_service.server import start_service
+
+    settings = VisionSettings(
+        model=str(llava_dir),
+        served_model_name="llava-demo",
+        max_model_len=1024,
+        max_images_per_request=3,
+        max_num_seqs=8,
+        enforce_eager=True,
+        dtype="float32",
+        default_max_tokens=16,
+        images=ImageLimits(max_bytes=200_000, max_pixels=1024 * 1024),
+        server=ServerOptions(grace_s=2.0),
+    )
+    service = await start_service(settings)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    before = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+    await service.load()
+    after = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+    handle = VisionHandle(service=service, channel=channel, health_before=before, health_after=after)
+    yield handle
+    await channel.close()
+    await service.stop(grace_s=1.0)
+
+
+@dataclass
+class VisionHandle:
+    """What tests get: the running service, a channel to it, health history."""
+
+    service: Any
+    channel: grpc.aio.Channel
+    health_before: int
+    health_after: int

@@ -1,0 +1,106 @@
+"""Server interceptors shared by the three services.
+
+:class:`ErrorMappingInterceptor` is where a process's error table is applied:
+every unary and server-streaming handler is wrapped once, so servicers just
+raise domain errors. It also gives each call a request id (from the
+``x-request-id`` metadata or a fresh one) in a context variable, for logs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from dreamsight_server.errors import DreamsightError, ErrorTable
+from dreamsight_server.rich_status import to_status
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+def current_request_id() -> str:
+    """The id of the call being served (empty outside a call)."""
+    return request_id_var.get()
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Maps domain errors to statuses; turns anything else into a generic INTERNAL."""
+
+    def __init__(self, table: ErrorTable | None = None) -> None:
+        self._table = table or ErrorTable()
+
+    async def _abort(
+        self, context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str
+    ) -> None:
+        code = self._table.code_for(error)
+        request_id = request_id_var.get()
+        if isinstance(error, DreamsightError) and code is not grpc.StatusCode.INTERNAL:
+            status = to_status(code, error.message, error)
+        else:
+            log.exception("internal error in %s (request id %s)", method, request_id)
+            status = to_status(
+                grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", None
+            )
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                request_id_var.set(_request_id(context))
+                try:
+                    return await inner_unary(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:  # mapped, never leaked
+                    await self._abort(context, error, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                request_id_var.set(_request_id(context))
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:  # mapped, never leaked
+                    await self._abort(context, error, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -1,0 +1,118 @@
+"""The gRPC server lifecycle every service shares.
+
+Build with :class:`GrpcServer`, ``await start()`` (health NOT_SERVING, so a
+load balancer waits while the model loads), mark it serving once the engine
+is ready, and ``await stop()`` on SIGTERM: health goes NOT_SERVING, new calls
+are refused, in-flight streams get ``grace_s`` to finish, then the caller
+shuts its engine down. Health (grpc.health.v1), server reflection, the
+error-mapping interceptor and the Prometheus endpoint are wired here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from dreamsight_server.errors import ErrorTable
+from dreamsight_server.interceptors import ErrorMappingInterceptor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Network settings of one gRPC service."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = 0
+    grace_s: float = 30.0
+    max_receive_bytes: int = 4 * 1024 * 1024
+    max_pending_requests: int = 10_000
+
+
+class GrpcServer:
+    """One grpc.aio server with health, reflection, errors and metrics."""
+
+    def __init__(
+        self,
+        options: ServerOptions,
+        service_names: Sequence[str],
+        registry: CollectorRegistry,
+        error_table: ErrorTable | None = None,
+        extra_interceptors: Sequence[Any] = (),
+    ) -> None:
+        self.options = options
+        self.registry = registry
+        self._service_names = list(service_names)
+        self.server = grpc.aio.server(
+            interceptors=[*extra_interceptors, ErrorMappingInterceptor(error_table)],
+            options=[
+                ("grpc.max_receive_message_length", options.max_receive_bytes),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.server.max_pending_requests", options.max_pending_requests),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
+
+    async def start(self) -> int:
+        """Bind, start serving (health NOT_SERVING) and return the bound port."""
+        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {self.options.host}:{self.options.port}")
+        await self.set_serving(False)
+        await self.server.start()
+        if self.options.metrics_port is not None:
+            self._metrics_server, _ = start_http_server(
+                self.options.metrics_port, addr=self.options.host, registry=self.registry
+            )
+            self.metrics_port = int(self._metrics_server.server_port)
+        log.info("serving %s on %s:%d", self._service_names, self.options.host, self.port)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING for the server and each service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new calls, drain, stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.options.grace_s if grace_s is None else grace_s)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server has stopped."""
+        await self.server.wait_for_termination()
+
+
+def on_shutdown_signals(callback: Callable[[], None]) -> None:
+    """Call callback (once) on SIGTERM or SIGINT in the running loop."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, callback)

@@ -1,0 +1,36 @@
+"""The tenant of a call, as the gateway vouches for it.
+
+The gateway authenticates callers and sets ``x-dreamsight-tenant`` on every
+call it forwards, together with ``x-dreamsight-gateway-token``, a secret
+shared by the gateway and the backends (a Kubernetes Secret). Backends trust
+the tenant only when the token matches (compared in constant time); without
+a configured secret (the one-machine default on loopback) they trust the
+header as is. mTLS between gateway and backends can replace the token.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+from dreamsight_server.errors import InvalidArgument, Unauthenticated
+
+TENANT_HEADER = "x-dreamsight-tenant"
+GATEWAY_TOKEN_HEADER = "x-dreamsight-gateway-token"
+DEFAULT_TENANT = "local"
+MAX_TENANT_LENGTH = 64
+
+
+def tenant_from_metadata(
+    metadata: Iterable[tuple[str, str | bytes]] | None, gateway_secret: str | None
+) -> str:
+    """The calling tenant; raises when the gateway token is missing or wrong."""
+    values = {key: value for key, value in (metadata or ()) if isinstance(value, str)}
+    if gateway_secret:
+        token = values.get(GATEWAY_TOKEN_HEADER, "")
+        if not hmac.compare_digest(token.encode(), gateway_secret.encode()):
+            raise Unauthenticated("calls must come through the gateway")
+    tenant = values.get(TENANT_HEADER, DEFAULT_TENANT)
+    if not tenant or len(tenant) > MAX_TENANT_LENGTH or not tenant.isprintable():
+        raise InvalidArgument(TENANT_HEADER, f"must be 1 to {MAX_TENANT_LENGTH} printable chars")
+    return tenant

@@ -1,0 +1,288 @@
+"""The chat engine interface and its vLLM implementation.
+
+The servicer talks only to :class:`ChatEngine`. :class:`VllmChatEngine` wraps
+vLLM's ``AsyncLLM`` (v1 engine): it renders the model's own chat template,
+checks the prompt against the context before queueing, maps sampling options
+to ``SamplingParams``, streams deltas, meters GPU-seconds, and aborts the
+engine request whenever the caller goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any, Protocol
+
+from dreamsight_server.demo_marker import read_marker
+from dreamsight_server.errors import InvalidArgument, Unavailable
+from dreamsight_server.gpu_seconds import GpuSecondsMeter
+from vision_service.config import VisionSettings
+from vision_service.domain import (
+    ChatDelta,
+    ChatDone,
+    ChatEvent,
+    ChatInput,
+    FinishReason,
+    ModelInfo,
+    SamplingOptions,
+)
+from vision_service.metrics import VisionMetrics
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "abort": FinishReason.CANCELLED,
+}
+
+
+class ChatEngine(Protocol):
+    """What the vision servicer needs from an engine."""
+
+    @property
+    def info(self) -> ModelInfo:
+        """The served model."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and the engine healthy."""
+        ...
+
+    def chat(self, request: ChatInput) -> AsyncGenerator[ChatEvent, None]:
+        """Stream deltas, then one ChatDone. Closing the iterator aborts the request."""
+        ...
+
+    def num_unfinished(self) -> int:
+        """Requests the engine still holds (running or waiting)."""
+        ...
+
+
+class VllmChatEngine:
+    """A :class:`ChatEngine` over vLLM's AsyncLLM; use ``async with``."""
+
+    def __init__(self, settings: VisionSettings, metrics: VisionMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._meter = GpuSecondsMeter(devices=float(settings.tensor_parallel_size))
+        self._engine: Any = None
+        self._processor: Any = None
+        self._image_tokens = 0
+        marker = read_marker(Path(settings.model))
+        self._info = ModelInfo(
+            name=settings.model_name,
+            context_length=settings.max_model_len,
+            max_images_per_request=settings.max_images_per_request,
+            demo=marker is not None,
+            source=settings.model,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    @property
+    def meter(self) -> GpuSecondsMeter:
+        """The GPU-second meter of this worker."""
+        return self._meter
+
+    async def __aenter__(self) -> VllmChatEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    async def start(self) -> None:
+        """Load the processor and the engine (the slow part: tens of seconds)."""
+        from transformers import AutoProcessor
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self._settings
+        self._processor = await asyncio.to_thread(AutoProcessor.from_pretrained, s.model)
+        self._image_tokens = _image_token_count(self._processor)
+        args = AsyncEngineArgs(
+            model=s.model,
+            served_model_name=[s.model_name],
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            limit_mm_per_prompt={"image": s.max_images_per_request},
+            tensor_parallel_size=s.tensor_parallel_size,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            dtype=s.dtype,
+            enforce_eager=s.enforce_eager,
+            disable_log_stats=False,
+        )
+        # Off the event loop, so health checks answer NOT_SERVING meanwhile.
+        self._engine = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, args, stat_loggers=[self._metrics.stat_logger_factory()]
+        )
+        log.info("vision engine ready: %s (%s)", s.model_name, s.model)
+
+    def shutdown(self) -> None:
+        """Stop the engine processes."""
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def num_unfinished(self) -> int:
+        if self._engine is None:
+            return 0
+        return int(self._engine.get_num_unfinished_requests())
+
+    def render_prompt(self, request: ChatInput) -> list[int]:
+        """Token ids of the conversation in the model's chat template.
+
+        Each image is one placeholder token here; vLLM expands it to the
+        image's feature tokens.
+        """
+        conversation = [
+            {
+                "role": m.role.value,
+                "content": [{"type": "image"} for _ in m.images]
+                + [{"type": "text", "text": m.text}],
+            }
+            for m in request.messages
+        ]
+        text = self._processor.apply_chat_template(conversation, add_generation_prompt=True)
+        ids = self._processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [int(i) for i in ids]
+
+    def prompt_length(self, prompt_ids: list[int], images: int) -> int:
+        """Prompt tokens after image expansion."""
+        return len(prompt_ids) + images * (self._image_tokens - 1)
+
+    def sampling_params(self, options: SamplingOptions, prompt_tokens: int) -> Any:
+        """Map our options to vLLM's SamplingParams (DELTA outputs)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        room = self._settings.max_model_len - prompt_tokens
+        if options.max_tokens is not None and options.max_tokens > room:
+            raise InvalidArgument(
+                "options.max_tokens",
+                f"{options.max_tokens} tokens do not fit: the prompt is {prompt_tokens} tokens "
+                f"and the context {self._settings.max_model_len}, leaving {room}",
+            )
+        max_tokens = options.max_tokens or min(room, self._settings.default_max_tokens)
+        structured = None
+        if options.json_schema is not None:
+            structured = StructuredOutputsParams(json=options.json_schema)
+        elif options.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        kwargs: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "stop": list(options.stop) or None,
+            "seed": options.seed,
+            "structured_outputs": structured,
+            "output_kind": RequestOutputKind.DELTA,
+        }
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
+            value = getattr(options, name)
+            if value is not None:
+                kwargs[name] = value
+        return SamplingParams(**kwargs)
+
+    async def chat(self, request: ChatInput) -> AsyncGenerator[ChatEvent, None]:
+        if not self.ready:
+            raise Unavailable("the vision model is loading or its engine is down")
+        arrival = time.monotonic()
+        prompt_ids = self.render_prompt(request)
+        prompt_tokens = self.prompt_length(prompt_ids, request.image_count)
+        if prompt_tokens >= self._settings.max_model_len:
+            raise InvalidArgument(
+                "messages",
+                f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
+                f"{self._settings.max_model_len} tokens (leave room for the reply)",
+            )
+        params = self.sampling_params(request.options, prompt_tokens)
+        images = [image for m in request.messages for image in m.images]
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
+        engine_id = f"{request.request_id or 'chat'}-{uuid.uuid4().hex[:12]}"
+        self._meter.start(engine_id)
+        finished = False
+        first_token_at: float | None = None
+        last_token_at = arrival
+        pieces: list[str] = []
+        completion_tokens = 0
+        reason = FinishReason.ERROR
+        try:
+            async for output in self._engine.generate(prompt, params, engine_id):
+                completion = output.outputs[0]
+                new_tokens = len(completion.token_ids)
+                if new_tokens:
+                    now = time.monotonic()
+                    if first_token_at is None:
+                        first_token_at = now
+                        self._metrics.ttft.observe(now - arrival)
+                    else:
+                        self._metrics.inter_token.observe((now - last_token_at) / new_tokens)
+                    last_token_at = now
+                    completion_tokens += new_tokens
+                if completion.text:
+                    pieces.append(completion.text)
+                    yield ChatDelta(completion.text)
+                if output.finished:
+                    finished = True
+                    reason = _FINISH.get(completion.finish_reason or "", FinishReason.ERROR)
+        except Exception as error:
+            _raise_engine_error(error)
+        finally:
+            gpu_seconds = self._meter.finish(engine_id)
+            self._metrics.gpu_seconds.inc(gpu_seconds)
+            self._metrics.prompt_tokens.inc(prompt_tokens)
+            self._metrics.completion_tokens.inc(completion_tokens)
+            if not finished and self._engine is not None:
+                # The caller left (cancel, deadline, closed stream): stop computing now.
+                await asyncio.shield(self._engine.abort(engine_id))
+        end = time.monotonic()
+        yield ChatDone(
+            finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            time_to_first_token_s=(first_token_at or end) - arrival,
+            total_s=end - arrival,
+            gpu_seconds=gpu_seconds,
+            text="".join(pieces),
+            model=self._info.name,
+        )
+
+
+def _raise_engine_error(error: Exception) -> None:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(error, EngineDeadError):
+        raise Unavailable("the vision engine stopped; retry shortly") from error
+    raise error
+
+
+def _image_token_count(processor: Any) -> int:
+    """Feature tokens per image for a LLaVA processor (576 for CLIP-L/336)."""
+    image_processor = processor.image_processor
+    crop = getattr(image_processor, "crop_size", None) or image_processor.size
+    height = int(crop.get("height") or crop.get("shortest_edge"))
+    patch = int(processor.patch_size)
+    tokens = (height // patch) ** 2 + int(getattr(processor, "num_additional_image_tokens", 0))
+    if getattr(processor, "vision_feature_select_strategy", "default") == "default":
+        tokens -= int(getattr(processor, "num_additional_image_tokens", 0))
+    return tokens

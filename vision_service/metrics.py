@@ -1,0 +1,89 @@
+"""The vision service's Prometheus metrics, on an injected registry.
+
+vLLM hands scheduler stats to stat loggers; :meth:`VisionMetrics.stat_logger_factory`
+returns one that copies the engine's queue depth and running count into
+gauges here, so Prometheus is one logger among vLLM's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class VisionMetrics:
+    """Counters, gauges and histograms of one vision worker."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "dreamsight_vision_requests_total",
+            "Vision RPCs by method and outcome (ok or a status code name)",
+            ["method", "outcome"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "dreamsight_vision_requests_in_flight", "Chat streams being served", registry=registry
+        )
+        self.ttft = Histogram(
+            "dreamsight_vision_time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "dreamsight_vision_inter_token_latency_seconds",
+            "Time between generated tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "dreamsight_vision_prompt_tokens_total", "Prompt tokens processed", registry=registry
+        )
+        self.completion_tokens = Counter(
+            "dreamsight_vision_completion_tokens_total", "Tokens generated", registry=registry
+        )
+        self.gpu_seconds = Counter(
+            "dreamsight_vision_gpu_seconds_total",
+            "Accelerator busy time attributed to requests",
+            registry=registry,
+        )
+        self.engine_waiting = Gauge(
+            "dreamsight_vision_engine_queue_depth",
+            "Requests waiting in the engine's scheduler",
+            registry=registry,
+        )
+        self.engine_running = Gauge(
+            "dreamsight_vision_engine_running_requests",
+            "Requests the engine's scheduler is running",
+            registry=registry,
+        )
+
+    def stat_logger_factory(self) -> Any:
+        """A vLLM per-engine stat logger factory that feeds these gauges."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        metrics = self
+
+        class _PrometheusStatLogger(StatLoggerBase):  # type: ignore[misc]
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                if scheduler_stats is not None:
+                    metrics.engine_waiting.set(scheduler_stats.num_waiting_reqs)
+                    metrics.engine_running.set(scheduler_stats.num_running_reqs)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _PrometheusStatLogger

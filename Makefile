@@ -14,7 +14,7 @@ TORCH_CPU_UNUSED := torchaudio torchcodec
 DEMO_DIR ?= .dreamsight/models
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck buf pytest protos clean
+.PHONY: setup demo test lint typecheck buf pytest protos clean bench-vision
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ buf: setup
 
 pytest: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench-vision: setup
+	$(BIN)/python bench/bench_vision.py
 
 protos: setup
 	$(BIN)/python scripts/gen_protos.py

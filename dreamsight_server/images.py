@@ -58,7 +58,11 @@ def decode_image(data: bytes, limits: ImageLimits, field: str) -> Image:
             return image.convert("RGB")
     except InvalidArgument:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise InvalidArgument(
+            field, f"image has far more pixels than the limit of {limits.max_pixels} pixels"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InvalidArgument(
             field, f"cannot decode image (accepted formats: {', '.join(ALLOWED_FORMATS)})"
         ) from None

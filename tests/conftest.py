@@ -62,9 +62,11 @@ async def vision(llava_dir: Path) -> Any:
     before = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
     await service.load()
     after = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
-    handle = VisionHandle(service=service, channel=channel, health_before=before, health_after=after)
+    handle = VisionHandle(
+        service=service, channel=channel, health_before=before, health_after=after
+    )
     yield handle
-    await channel.close()
+    await channel.close(grace=None)
     await service.stop(grace_s=1.0)
 
 

@@ -40,7 +40,7 @@ def greedy(max_tokens: int = 12, **extra: Any) -> vision_pb2.ChatOptions:
     return vision_pb2.ChatOptions(temperature=0.0, max_tokens=max_tokens, **extra)
 
 
-def stub(vision: VisionHandle) -> vision_pb2_grpc.VisionServiceStub:
+def stub(vision: VisionHandle) -> vision_pb2_grpc.VisionServiceAsyncStub:
     return vision_pb2_grpc.VisionServiceStub(vision.channel)
 
 
@@ -109,7 +109,9 @@ async def test_multi_turn_with_two_images(vision: VisionHandle) -> None:
         user("And this one?", png("green")),
     ]
     _, final = await chat(vision, *messages, options=greedy(8))
-    _, other = await chat(vision, *messages[:3], user("And this one?", png("blue")), options=greedy(8))
+    _, other = await chat(
+        vision, *messages[:3], user("And this one?", png("blue")), options=greedy(8)
+    )
     assert final.prompt_tokens > 2 * 64
     assert final.completion_tokens >= 1
     assert final.text != other.text, "the second image is seen"
@@ -284,7 +286,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
             pass
     error = caught.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
-    assert error.details().startswith(f"{field}:"), error.details()
+    assert (error.details() or "").startswith(f"{field}:"), error.details()
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None
     bad = error_details_pb2.BadRequest()
@@ -336,7 +338,9 @@ async def test_metrics_are_exposed_and_move(vision: VisionHandle) -> None:
     assert after[ok] == before.get(ok, 0) + 1
     completion = "dreamsight_vision_completion_tokens_total"
     assert after[completion] - before[completion] == final.completion_tokens
-    assert after["dreamsight_vision_gpu_seconds_total"] > before["dreamsight_vision_gpu_seconds_total"]
+    assert (
+        after["dreamsight_vision_gpu_seconds_total"] > before["dreamsight_vision_gpu_seconds_total"]
+    )
     ttft = "dreamsight_vision_time_to_first_token_seconds_count"
     assert after[ttft] == before[ttft] + 1
     assert "dreamsight_vision_engine_queue_depth" in after

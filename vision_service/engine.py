@@ -91,6 +91,11 @@ class VllmChatEngine:
         return self._engine is not None and not self._engine.errored
 
     @property
+    def vllm(self) -> Any:
+        """The underlying AsyncLLM (None before start), for benchmarks."""
+        return self._engine
+
+    @property
     def meter(self) -> GpuSecondsMeter:
         """The GPU-second meter of this worker."""
         return self._meter

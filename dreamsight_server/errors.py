@@ -47,9 +47,17 @@ class Unauthenticated(DreamsightError):
 class ResourceExhausted(DreamsightError):
     """A queue, quota or limit is full."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float | None = None,
+        quota_subject: str = "",
+        quota_description: str = "",
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.quota_subject = quota_subject
+        self.quota_description = quota_description
 
 
 class Unavailable(DreamsightError):

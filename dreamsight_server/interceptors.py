@@ -9,6 +9,7 @@ raise domain errors. It also gives each call a request id (from the
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,11 +18,11 @@ from typing import Any
 import grpc
 
 from dreamsight_server.errors import DreamsightError, ErrorTable
+from dreamsight_server.metadata import REQUEST_ID_HEADER
 from dreamsight_server.rich_status import to_status
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
@@ -46,6 +47,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
     async def _abort(
         self, context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str
     ) -> None:
+        if context.cancelled() or context.done():
+            return  # the caller is gone; there is nobody to tell
         code = self._table.code_for(error)
         request_id = request_id_var.get()
         if isinstance(error, DreamsightError) and code is not grpc.StatusCode.INTERNAL:
@@ -66,8 +69,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
+        # Unary handlers, and streaming ones written with context.write(): a coroutine.
+        inner_unary = handler.unary_unary or (
+            handler.unary_stream
+            if handler.unary_stream is not None
+            and not inspect.isasyncgenfunction(handler.unary_stream)
+            else None
+        )
+        if inner_unary is not None:
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 request_id_var.set(_request_id(context))
@@ -78,7 +87,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
                 except Exception as error:  # mapped, never leaked
                     await self._abort(context, error, method)
 
-            return grpc.unary_unary_rpc_method_handler(
+            make = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary is not None
+                else grpc.unary_stream_rpc_method_handler
+            )
+            return make(
                 unary,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,

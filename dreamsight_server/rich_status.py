@@ -26,6 +26,11 @@ def to_status(code: grpc.StatusCode, message: str, error: DreamsightError | None
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    if isinstance(error, ResourceExhausted) and error.quota_subject:
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=error.quota_subject, description=error.quota_description
+        )
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=[violation])))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     return rpc_status.to_status(status)
 

@@ -14,9 +14,10 @@ import hmac
 from collections.abc import Iterable
 
 from dreamsight_server.errors import InvalidArgument, Unauthenticated
+from dreamsight_server.metadata import GATEWAY_TOKEN_HEADER, TENANT_HEADER
 
-TENANT_HEADER = "x-dreamsight-tenant"
-GATEWAY_TOKEN_HEADER = "x-dreamsight-gateway-token"
+__all__ = ["GATEWAY_TOKEN_HEADER", "TENANT_HEADER", "tenant_from_metadata"]
+
 DEFAULT_TENANT = "local"
 MAX_TENANT_LENGTH = 64
 

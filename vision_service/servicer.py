@@ -11,8 +11,10 @@ import grpc
 from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from dreamsight_server.errors import ErrorTable, NotFound, Unavailable
+from dreamsight_server.metadata import gpu_seconds_trailer
 from vision_service import convert
 from vision_service.config import VisionSettings
+from vision_service.domain import ChatDone
 from vision_service.engine import ChatEngine
 from vision_service.metrics import VisionMetrics
 
@@ -51,6 +53,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             )
             async with contextlib.aclosing(self._engine.chat(chat)) as events:
                 async for event in events:
+                    if isinstance(event, ChatDone):
+                        context.set_trailing_metadata(gpu_seconds_trailer(event.gpu_seconds))
                     yield convert.chat_response(event)
         except asyncio.CancelledError:
             outcome = "cancelled"

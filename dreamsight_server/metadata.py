@@ -1,0 +1,17 @@
+"""Names of the metadata keys that pass between gateway and backends."""
+
+from __future__ import annotations
+
+TENANT_HEADER = "x-dreamsight-tenant"
+"""The tenant the gateway vouches for."""
+GATEWAY_TOKEN_HEADER = "x-dreamsight-gateway-token"
+"""The secret shared by gateway and backends, proving the tenant header."""
+REQUEST_ID_HEADER = "x-request-id"
+"""The request id: the ledger key and the log correlation id."""
+GPU_SECONDS_TRAILER = "x-dreamsight-gpu-seconds"
+"""Trailer in which a backend reports a call's GPU-seconds to the gateway."""
+
+
+def gpu_seconds_trailer(gpu_seconds: float) -> tuple[tuple[str, str]]:
+    """Trailing metadata reporting a call's GPU-seconds."""
+    return ((GPU_SECONDS_TRAILER, repr(float(gpu_seconds))),)

@@ -1,0 +1,80 @@
+"""GPU-second budgets over sliding windows, read from the durable ledger."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from dreamsight_server.errors import ResourceExhausted
+from gateway.keys import Caller
+from gateway.store import AsyncStore
+from gateway.tiers import Tier, Window
+
+
+@dataclass(frozen=True)
+class WindowUsage:
+    """Use of one window."""
+
+    window: Window
+    used_gpu_seconds: float
+    reset_at: float
+    """Over the limit: when enough use leaves the window to admit requests.
+    Otherwise: when the oldest use in the window leaves it (now if none)."""
+
+
+class Budgets:
+    """Checks windows before admission and records metered use after."""
+
+    def __init__(self, store: AsyncStore) -> None:
+        self._store = store
+
+    async def window_usage(self, tenant: str, window: Window, now: float) -> WindowUsage:
+        """Use and reset time of one window."""
+        entries = await self._store.run(
+            self._store.sync.usage_entries, tenant, now - window.seconds
+        )
+        used = sum(e.gpu_seconds for e in entries)
+        reset = now
+        if entries:
+            reset = entries[0].recorded_at + window.seconds
+        remaining = used
+        for entry in entries:
+            if remaining < window.limit_gpu_seconds:
+                break
+            remaining -= entry.gpu_seconds
+            reset = entry.recorded_at + window.seconds
+        return WindowUsage(window, used, reset)
+
+    async def check(self, caller: Caller, tier: Tier) -> None:
+        """ResourceExhausted at once when any window's budget is spent."""
+        now = time.time()
+        for window in tier.windows:
+            used = await self._store.run(
+                self._store.sync.usage_since, caller.tenant, now - window.seconds
+            )
+            if used >= window.limit_gpu_seconds:
+                usage = await self.window_usage(caller.tenant, window, now)
+                reset = datetime.fromtimestamp(usage.reset_at, UTC).isoformat(timespec="seconds")
+                raise ResourceExhausted(
+                    f"GPU-second budget of the {window.name} window spent "
+                    f"({used:.1f} of {window.limit_gpu_seconds:g}); it resets at {reset}",
+                    retry_after_s=max(0.0, usage.reset_at - now),
+                    quota_subject=f"tenant:{caller.tenant}",
+                    quota_description=f"gpu_seconds per {window.name}: limit "
+                    f"{window.limit_gpu_seconds:g}, resets at {reset}",
+                )
+
+    async def record(
+        self, request_id: str, caller: Caller, service: str, gpu_seconds: float
+    ) -> bool:
+        """Bill a request once per request id; False if it was already billed."""
+        return await self._store.run(
+            self._store.sync.record_usage,
+            request_id,
+            caller.tenant,
+            caller.tier,
+            service,
+            gpu_seconds,
+            time.time(),
+        )

@@ -1,0 +1,154 @@
+"""The gateway's data plane, shared by every front end (gRPC today, HTTP next).
+
+A call is admitted (key verified, budgets checked, a concurrency slot taken,
+in that order, so a refused call holds nothing) and later finished (slot
+released, metrics counted, GPU-seconds billed once per request id). Front
+ends do the transport; the rules live here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from dreamsight_server.errors import Unauthenticated
+from dreamsight_server.metadata import GATEWAY_TOKEN_HEADER, REQUEST_ID_HEADER, TENANT_HEADER
+from gateway.admission import Lease, Limiter
+from gateway.budgets import Budgets
+from gateway.keys import Caller, KeyService
+from gateway.metrics import GatewayMetrics
+from gateway.tiers import Tier
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass
+class Admission:
+    """An admitted call, until it is finished."""
+
+    caller: Caller
+    tier: Tier
+    service: str
+    method: str
+    request_id: str
+    lease: Lease | None
+    started: float = field(default_factory=time.monotonic)
+    first_chunk_seen: bool = False
+    finished: bool = False
+
+    @property
+    def ledger_id(self) -> str:
+        """The ledger key: request ids are the tenant's own namespace."""
+        return f"{self.caller.tenant}:{self.request_id}"
+
+
+class GatewayCore:
+    """Authentication, budgets, concurrency, metering and metrics."""
+
+    def __init__(
+        self,
+        keys: KeyService,
+        tiers: dict[str, Tier],
+        budgets: Budgets,
+        limiter: Limiter,
+        metrics: GatewayMetrics,
+        backend_secret: str = "",
+    ) -> None:
+        self.keys = keys
+        self.tiers = tiers
+        self.budgets = budgets
+        self.limiter = limiter
+        self.metrics = metrics
+        self._backend_secret = backend_secret
+
+    async def authenticate(self, authorization: str | None) -> tuple[Caller, Tier]:
+        """The caller and its tier, or Unauthenticated."""
+        try:
+            caller = await self.keys.verify(authorization)
+        except Unauthenticated:
+            self.metrics.rejections.labels("unauthenticated").inc()
+            raise
+        tier = self.tiers.get(caller.tier)
+        if tier is None:  # the key's tier was removed from the tiers file
+            self.metrics.rejections.labels("unknown_tier").inc()
+            raise Unauthenticated("this key's tier no longer exists")
+        return caller, tier
+
+    async def admit(
+        self,
+        authorization: str | None,
+        service: str,
+        method: str,
+        request_id: str | None,
+        *,
+        metered: bool,
+    ) -> Admission:
+        """Admit a call; metered calls check budgets and take a slot."""
+        caller, tier = await self.authenticate(authorization)
+        rid = request_id if request_id and _REQUEST_ID.match(request_id) else uuid.uuid4().hex
+        lease = None
+        if metered:
+            try:
+                await self.budgets.check(caller, tier)
+            except Exception:
+                self.metrics.rejections.labels("gpu_budget").inc()
+                raise
+            try:
+                lease = await self.limiter.acquire(caller.tenant, tier.concurrent_requests)
+            except Exception:
+                self.metrics.rejections.labels("concurrency").inc()
+                raise
+            self.metrics.queue_wait.labels(tier.name).observe(lease.waited_s)
+            self.metrics.in_flight.labels(tier.name).inc()
+        return Admission(caller, tier, service, method, rid, lease)
+
+    def backend_metadata(self, admission: Admission) -> tuple[tuple[str, str], ...]:
+        """What a backend hears: the vouched tenant and request id, nothing of the caller's."""
+        metadata = [
+            (TENANT_HEADER, admission.caller.tenant),
+            (REQUEST_ID_HEADER, admission.request_id),
+        ]
+        if self._backend_secret:
+            metadata.append((GATEWAY_TOKEN_HEADER, self._backend_secret))
+        return tuple(metadata)
+
+    def first_chunk(self, admission: Admission) -> None:
+        """Note the first streamed message (TTFT for Chat)."""
+        if not admission.first_chunk_seen:
+            admission.first_chunk_seen = True
+            self.metrics.first_chunk.labels(admission.service, admission.method).observe(
+                time.monotonic() - admission.started
+            )
+
+    async def finish(
+        self, admission: Admission, code: grpc.StatusCode, gpu_seconds: float | None
+    ) -> None:
+        """Release the slot, count the call, bill reported GPU-seconds once."""
+        if admission.finished:
+            return
+        admission.finished = True
+        tier = admission.tier.name
+        try:
+            if admission.lease is not None:
+                self.metrics.in_flight.labels(tier).dec()
+                await self.limiter.release(admission.lease)
+        finally:
+            self.metrics.requests.labels(admission.service, admission.method, code.name, tier).inc()
+            self.metrics.latency.labels(admission.service, admission.method).observe(
+                time.monotonic() - admission.started
+            )
+            if gpu_seconds is not None and gpu_seconds > 0:
+                billed = await self.budgets.record(
+                    admission.ledger_id, admission.caller, admission.service, gpu_seconds
+                )
+                if billed:
+                    self.metrics.gpu_seconds.labels(tier, admission.service).inc(gpu_seconds)
+                else:
+                    log.info("request %s was already billed", admission.ledger_id)

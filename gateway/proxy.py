@@ -1,0 +1,181 @@
+"""gRPC pass-through of VisionService and DiffusionService to the backends.
+
+Messages travel as bytes (never parsed), so a streamed chunk costs one read
+and one write. Around each call the core admits it and finishes it on every
+ending. The caller's deadline goes upstream, a caller's cancel cancels the
+upstream call, and a backend's status (with its google.rpc details) comes
+back unchanged. Backends report GPU-seconds in the ``x-dreamsight-gpu-seconds``
+trailer, which the core bills.
+
+Backend channels balance round-robin over every address a target resolves
+to (``dns:///vision-headless:50052`` on Kubernetes, or ``ipv4:a:p,b:p``) and
+skip addresses whose grpc.health.v1 check is not SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from dreamsight_server.metadata import GPU_SECONDS_TRAILER, REQUEST_ID_HEADER
+from gateway.core import Admission, GatewayCore
+
+# Calls that run a model: they need a concurrency slot and budget, and are billed.
+METERED_METHODS = frozenset({"Chat", "Generate"})
+_PASSED_TRAILERS = frozenset({"grpc-status-details-bin", "retry-after"})
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def backend_channel(target: str, max_message_bytes: int) -> grpc.aio.Channel:
+    """A channel that balances per call over healthy backend addresses."""
+    service_config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": ""},
+    }
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.service_config", json.dumps(service_config)),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.enable_retries", 0),
+            # Find a restarted backend quickly (the default first backoff is 1 s).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ],
+    )
+
+
+def _metadata(context: Context) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _gpu_seconds(trailers: Any) -> float | None:
+    for key, value in trailers or ():
+        if key == GPU_SECONDS_TRAILER:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _pass_error(context: Context, error: grpc.aio.AioRpcError) -> None:
+    if context.cancelled() or context.done():
+        return  # the caller left first; nothing to pass on
+    received: Any = error.trailing_metadata() or ()
+    trailers = tuple((k, v) for k, v in received if k in _PASSED_TRAILERS)
+    await context.abort(error.code(), error.details() or "", trailers)
+
+
+class ServiceProxy:
+    """Generic handlers forwarding one proto service to one backend channel."""
+
+    def __init__(
+        self, descriptor: ServiceDescriptor, channel: grpc.aio.Channel, core: GatewayCore
+    ) -> None:
+        self._descriptor = descriptor
+        self._channel = channel
+        self._core = core
+        self._service = descriptor.name
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """The generic handler to add to the gateway's server."""
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        for method in self._descriptor.methods:
+            path = f"/{self._descriptor.full_name}/{method.name}"
+            metered = method.name in METERED_METHODS
+            if method.server_streaming:
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    self._streaming(path, method.name, metered)
+                )
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self._unary(path, method.name, metered)
+                )
+        return grpc.method_handlers_generic_handler(self._descriptor.full_name, handlers)
+
+    async def _admit(self, context: Context, method: str, metered: bool) -> Admission:
+        metadata = _metadata(context)
+        return await self._core.admit(
+            metadata.get("authorization"),
+            self._service,
+            method,
+            metadata.get(REQUEST_ID_HEADER),
+            metered=metered,
+        )
+
+    def _streaming(self, path: str, method: str, metered: bool) -> Any:
+        multicallable = self._channel.unary_stream(path, None, None)
+
+        async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
+            admission = await self._admit(context, method, metered)
+            code, gpu = grpc.StatusCode.UNKNOWN, None
+            call = multicallable(
+                request,
+                metadata=self._core.backend_metadata(admission),
+                timeout=context.time_remaining(),
+            )
+            try:
+                async for chunk in call:
+                    self._core.first_chunk(admission)
+                    yield chunk
+                code = grpc.StatusCode.OK
+                gpu = _gpu_seconds(await call.trailing_metadata())
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                gpu = _gpu_seconds(error.trailing_metadata())
+                await _pass_error(context, error)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                call.cancel()
+                raise
+            finally:
+                await asyncio.shield(self._core.finish(admission, code, gpu))
+
+        return forward
+
+    def _unary(self, path: str, method: str, metered: bool) -> Any:
+        multicallable = self._channel.unary_unary(path, None, None)
+
+        async def forward(request: bytes, context: Context) -> bytes:
+            admission = await self._admit(context, method, metered)
+            code, gpu = grpc.StatusCode.UNKNOWN, None
+            call = multicallable(
+                request,
+                metadata=self._core.backend_metadata(admission),
+                timeout=context.time_remaining(),
+            )
+            try:
+                response: bytes = await call
+                code = grpc.StatusCode.OK
+                gpu = _gpu_seconds(await call.trailing_metadata())
+                return response
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                await _pass_error(context, error)
+                raise AssertionError("unreachable: abort raises") from None
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                call.cancel()
+                raise
+            finally:
+                await asyncio.shield(self._core.finish(admission, code, gpu))
+
+        return forward
+
+
+def proxies(
+    core: GatewayCore, routes: Iterable[tuple[ServiceDescriptor, grpc.aio.Channel]]
+) -> list[grpc.GenericRpcHandler[Any, Any]]:
+    """Generic handlers for every proxied service."""
+    return [ServiceProxy(d, channel, core).handler() for d, channel in routes]

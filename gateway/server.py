@@ -1,0 +1,109 @@
+"""Lifecycle of the gateway: build the core, proxy, serve, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from dreamsight.diffusion.v1 import diffusion_pb2
+from dreamsight.gateway.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
+from dreamsight.vision.v1 import vision_pb2
+from prometheus_client import CollectorRegistry
+
+from dreamsight_server.lifecycle import GrpcServer, on_shutdown_signals
+from gateway.admission import Limiter, LocalLimiter, RedisLimiter
+from gateway.budgets import Budgets
+from gateway.config import GatewaySettings
+from gateway.core import GatewayCore
+from gateway.keys import KeyService
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import backend_channel, proxies
+from gateway.servicers import AdminServicer, UsageServicer
+from gateway.store import AsyncStore, SqlStore
+from gateway.tiers import load_tiers
+
+log = logging.getLogger(__name__)
+
+VISION = vision_pb2.DESCRIPTOR.services_by_name["VisionService"]
+DIFFUSION = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"]
+USAGE = usage_pb2.DESCRIPTOR.services_by_name["UsageService"]
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+
+
+@dataclass
+class Gateway:
+    """A running gateway."""
+
+    settings: GatewaySettings
+    server: GrpcServer
+    core: GatewayCore
+    store: AsyncStore
+    channels: list[grpc.aio.Channel]
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port."""
+        return self.server.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, drain within the grace period, close backends and the store."""
+        await self.server.stop(grace_s)
+        for channel in self.channels:
+            await channel.close(grace=None)
+        await self.core.limiter.close()
+        self.store.close()
+
+
+def build_limiter(settings: GatewaySettings) -> Limiter:
+    """Redis leases when a URL is configured, else this process's counters."""
+    if settings.redis_url:
+        return RedisLimiter(
+            settings.redis_url, settings.queue_length, settings.queue_wait_s, settings.lease_ttl_s
+        )
+    return LocalLimiter(settings.queue_length, settings.queue_wait_s)
+
+
+async def start_gateway(
+    settings: GatewaySettings, registry: CollectorRegistry | None = None
+) -> Gateway:
+    """Build everything and start serving."""
+    registry = registry or CollectorRegistry()
+    tiers = load_tiers(settings.tiers_file)
+    store = AsyncStore(SqlStore(settings.database))
+    metrics = GatewayMetrics(registry)
+    core = GatewayCore(
+        keys=KeyService(store, set(tiers), settings.key_cache_ttl_s),
+        tiers=tiers,
+        budgets=Budgets(store),
+        limiter=build_limiter(settings),
+        metrics=metrics,
+        backend_secret=settings.backend_secret,
+    )
+    max_bytes = settings.server.max_receive_bytes
+    vision = backend_channel(settings.vision_target, max_bytes)
+    diffusion = backend_channel(settings.diffusion_target, max_bytes)
+    names = [d.full_name for d in (VISION, DIFFUSION, USAGE, ADMIN)]
+    server = GrpcServer(settings.server, names, registry)
+    server.server.add_generic_rpc_handlers(
+        proxies(core, [(VISION, vision), (DIFFUSION, diffusion)])
+    )
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(core), server.server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(core, settings.admin_token), server.server
+    )
+    await server.start()
+    await server.set_serving(True)
+    return Gateway(settings, server, core, store, [vision, diffusion])
+
+
+async def run(settings: GatewaySettings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    gateway = await start_gateway(settings)
+    log.info("gateway listening on %s:%d", settings.server.host, gateway.port)
+    stopping = asyncio.Event()
+    on_shutdown_signals(stopping.set)
+    await stopping.wait()
+    log.info("gateway shutting down (grace %.0fs)", settings.server.grace_s)
+    await gateway.stop()

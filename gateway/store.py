@@ -1,0 +1,184 @@
+"""Durable state of the gateway: API keys (hashes only) and the usage ledger.
+
+One SQL implementation serves SQLite (the one-machine default, a file) and
+PostgreSQL (a ``postgresql://`` DSN, for several gateway replicas); they
+differ only in the connection and the placeholder style. Each ledger row is
+keyed by request id, so recording the same request twice bills it once.
+
+The store's methods are synchronous and fast; :class:`AsyncStore` runs them
+on one dedicated thread so the event loop never waits on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        key_id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        tier TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    )""",
+    """CREATE TABLE IF NOT EXISTS usage_ledger (
+        request_id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        tier TEXT NOT NULL,
+        service TEXT NOT NULL,
+        gpu_seconds DOUBLE PRECISION NOT NULL,
+        recorded_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS usage_by_tenant ON usage_ledger (tenant, recorded_at)",
+)
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """A stored API key: everything but the secret, which is kept as a hash."""
+
+    key_id: str
+    secret_hash: str
+    tenant: str
+    tier: str
+    description: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class UsageEntry:
+    """One metered request."""
+
+    request_id: str
+    gpu_seconds: float
+    recorded_at: float
+
+
+class SqlStore:
+    """Keys and ledger in SQLite or PostgreSQL."""
+
+    def __init__(self, database: str) -> None:
+        self._lock = threading.Lock()
+        if database.startswith(("postgresql://", "postgres://")):
+            import psycopg
+
+            self._conn: Any = psycopg.connect(database, autocommit=True)
+            self._placeholder = "%s"
+        else:
+            if database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._placeholder = "?"
+        for statement in _SCHEMA:
+            self._execute(statement)
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            cursor = self._conn.execute(sql.replace("?", self._placeholder), params)
+            rows = cursor.fetchall() if cursor.description else []
+            return [tuple(r) for r in rows]
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+    def create_key(self, row: KeyRow) -> None:
+        """Store a new key."""
+        self._execute(
+            "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.key_id,
+                row.secret_hash,
+                row.tenant,
+                row.tier,
+                row.description,
+                row.created_at,
+                row.revoked_at,
+            ),
+        )
+
+    def get_key(self, key_id: str) -> KeyRow | None:
+        """The key with this id, revoked or not."""
+        rows = self._execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
+        return KeyRow(*rows[0]) if rows else None
+
+    def list_keys(self, tenant: str, include_revoked: bool) -> list[KeyRow]:
+        """Keys, oldest first, optionally of one tenant."""
+        sql = "SELECT * FROM api_keys WHERE (? = '' OR tenant = ?)"
+        if not include_revoked:
+            sql += " AND revoked_at IS NULL"
+        rows = self._execute(sql + " ORDER BY created_at, key_id", (tenant, tenant))
+        return [KeyRow(*r) for r in rows]
+
+    def revoke_key(self, key_id: str, at: float) -> KeyRow | None:
+        """Revoke a key (idempotent); None if it does not exist."""
+        self._execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+            (at, key_id),
+        )
+        return self.get_key(key_id)
+
+    def record_usage(
+        self, request_id: str, tenant: str, tier: str, service: str, gpu_seconds: float, at: float
+    ) -> bool:
+        """Bill a request once; False when this request id was already billed."""
+        rows = self._execute(
+            "INSERT INTO usage_ledger VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+            (request_id, tenant, tier, service, gpu_seconds, at),
+        )
+        return bool(rows)
+
+    def usage_since(self, tenant: str, since: float) -> float:
+        """GPU-seconds the tenant used since a time."""
+        rows = self._execute(
+            "SELECT COALESCE(SUM(gpu_seconds), 0) FROM usage_ledger "
+            "WHERE tenant = ? AND recorded_at >= ?",
+            (tenant, since),
+        )
+        return float(rows[0][0])
+
+    def usage_entries(self, tenant: str, since: float) -> list[UsageEntry]:
+        """The tenant's metered requests since a time, oldest first."""
+        rows = self._execute(
+            "SELECT request_id, gpu_seconds, recorded_at FROM usage_ledger "
+            "WHERE tenant = ? AND recorded_at >= ? ORDER BY recorded_at",
+            (tenant, since),
+        )
+        return [UsageEntry(str(r[0]), float(r[1]), float(r[2])) for r in rows]
+
+    def total_usage(self) -> tuple[int, float]:
+        """Rows and GPU-seconds in the whole ledger (for checks and tests)."""
+        rows = self._execute("SELECT COUNT(*), COALESCE(SUM(gpu_seconds), 0) FROM usage_ledger")
+        return int(rows[0][0]), float(rows[0][1])
+
+
+class AsyncStore:
+    """Runs a :class:`SqlStore` on one dedicated thread."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.sync = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call a store method off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        """Finish pending work and close the connection."""
+        self._executor.shutdown(wait=True)
+        self.sync.close()

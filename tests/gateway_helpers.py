@@ -1,0 +1,161 @@
+"""Test helpers for the gateway: a fake backend behind a real grpc.aio server,
+and a gateway started against it. The fake is only for the proxy's own logic
+(admission, slots, metering, pass-through); end-to-end tests use the real
+vision service."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dreamsight_server.errors import InvalidArgument
+from dreamsight_server.interceptors import ErrorMappingInterceptor
+from dreamsight_server.lifecycle import ServerOptions
+from dreamsight_server.metadata import TENANT_HEADER, gpu_seconds_trailer
+from gateway.config import GatewaySettings
+from gateway.server import Gateway, start_gateway
+
+ADMIN_TOKEN = "admin-token-for-tests"
+
+
+@dataclass
+class FakeVision(vision_pb2_grpc.VisionServiceServicer):
+    """Chat behaviour chosen by the message text: ``sleep:S``, ``chunks:N``, ``invalid``."""
+
+    gpu_seconds: float = 0.5
+    running: collections.Counter[str] = field(default_factory=collections.Counter)
+    peak: collections.Counter[str] = field(default_factory=collections.Counter)
+    tenants: list[str] = field(default_factory=list)
+    deadlines: list[float | None] = field(default_factory=list)
+    finished: int = 0
+    cancelled: int = 0
+
+    async def Chat(
+        self, request: vision_pb2.ChatRequest, context: Any
+    ) -> AsyncIterator[vision_pb2.ChatResponse]:
+        metadata = dict(context.invocation_metadata())
+        tenant = metadata.get(TENANT_HEADER, "")
+        self.tenants.append(tenant)
+        self.deadlines.append(context.time_remaining())
+        text = request.messages[0].content if request.messages else ""
+        if text == "invalid":
+            raise InvalidArgument("messages[0].content", "the fake refuses this")
+        self.running[tenant] += 1
+        self.peak[tenant] = max(self.peak[tenant], self.running[tenant])
+        try:
+            sleep = float(text.split(":")[1]) if text.startswith("sleep:") else 0.0
+            chunks = int(text.split(":")[1]) if text.startswith("chunks:") else 3
+            for i in range(chunks):
+                yield vision_pb2.ChatResponse(delta=f"t{i} ")
+                if sleep:
+                    await asyncio.sleep(sleep / chunks)
+            context.set_trailing_metadata(gpu_seconds_trailer(self.gpu_seconds))
+            yield vision_pb2.ChatResponse(
+                final=vision_pb2.ChatFinal(
+                    finish_reason=vision_pb2.FINISH_REASON_STOP, completion_tokens=chunks
+                )
+            )
+            self.finished += 1
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running[tenant] -= 1
+
+    async def ListModels(
+        self, request: vision_pb2.ListModelsRequest, context: Any
+    ) -> vision_pb2.ListModelsResponse:
+        return vision_pb2.ListModelsResponse(models=[vision_pb2.VisionModel(name="fake")])
+
+    async def GetModel(
+        self, request: vision_pb2.GetModelRequest, context: Any
+    ) -> vision_pb2.GetModelResponse:
+        return vision_pb2.GetModelResponse(model=vision_pb2.VisionModel(name="fake"))
+
+
+class FakeBackend:
+    """A real grpc.aio server on loopback serving :class:`FakeVision`."""
+
+    def __init__(self, impl: FakeVision, port: int = 0) -> None:
+        self.impl = impl
+        self.port = port
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+        vision_pb2_grpc.add_VisionServiceServicer_to_server(self.impl, server)
+        servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await server.start()
+        self.server = server
+        return self.port
+
+    async def kill(self) -> None:
+        """Stop at once, failing in-flight calls (a crashed backend)."""
+        if self.server is not None:
+            await self.server.stop(0)
+            self.server = None
+
+
+async def gateway_for(
+    tmp_path: Path,
+    backend_port: int,
+    *,
+    database: str | None = None,
+    tiers_file: str = "",
+    redis_url: str = "",
+    queue_length: int = 8,
+    queue_wait_s: float = 5.0,
+    lease_ttl_s: float = 15.0,
+    metrics_port: int | None = 0,
+) -> Gateway:
+    """A gateway on port 0 whose backends are the fake."""
+    settings = GatewaySettings(
+        vision_target=f"127.0.0.1:{backend_port}",
+        diffusion_target=f"127.0.0.1:{backend_port}",
+        tiers_file=tiers_file,
+        database=database or str(tmp_path / "gateway.sqlite3"),
+        redis_url=redis_url,
+        admin_token=ADMIN_TOKEN,
+        queue_length=queue_length,
+        queue_wait_s=queue_wait_s,
+        lease_ttl_s=lease_ttl_s,
+        server=ServerOptions(metrics_port=metrics_port, grace_s=1.0),
+    )
+    return await start_gateway(settings)
+
+
+async def new_key(gateway: Gateway, tenant: str, tier: str) -> str:
+    """Mint a key directly through the core."""
+    _, secret = await gateway.core.keys.create(tenant, tier, "test")
+    return secret
+
+
+def bearer(secret: str) -> tuple[tuple[str, str], ...]:
+    """Authorization metadata for a key."""
+    return (("authorization", f"Bearer {secret}"),)
+
+
+def chat_request(text: str) -> vision_pb2.ChatRequest:
+    """A one-message chat request."""
+    return vision_pb2.ChatRequest(
+        messages=[vision_pb2.Message(role=vision_pb2.ROLE_USER, content=text)]
+    )
+
+
+async def collect(
+    channel: grpc.aio.Channel, text: str, metadata: Any, timeout: float | None = None
+) -> list[vision_pb2.ChatResponse]:
+    """All messages of one Chat through the gateway."""
+    stub = vision_pb2_grpc.VisionServiceStub(channel)
+    return [r async for r in stub.Chat(chat_request(text), metadata=metadata, timeout=timeout)]

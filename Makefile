@@ -14,7 +14,7 @@ TORCH_CPU_UNUSED := torchaudio torchcodec
 DEMO_DIR ?= .dreamsight/models
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck buf pytest protos clean bench-vision
+.PHONY: system-deps setup demo test lint typecheck buf pytest protos clean bench-vision
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,10 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 
-setup: $(STAMP) node_modules/.installed
+system-deps:
+	bash scripts/install_system_deps.sh
+
+setup: $(STAMP) node_modules/.installed system-deps
 
 demo: setup
 	$(BIN)/python scripts/demo.py $(DEMO_DIR)
@@ -56,3 +59,8 @@ protos: setup
 
 clean:
 	rm -rf $(VENV) node_modules .dreamsight
+
+.PHONY: bench-diffusion
+# diffusers called directly vs the diffusion service over gRPC (~2 min on 2 cores).
+bench-diffusion: setup
+	$(BIN)/python bench/bench_diffusion.py

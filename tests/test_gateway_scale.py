@@ -1,0 +1,209 @@
+"""The gateway at scale: shared Redis limits, PostgreSQL ledger, Prometheus.
+
+Real servers from the Debian packages, started by the tests on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.server import Gateway
+from tests.external_servers import postgres_server, prometheus_server, redis_server
+from tests.gateway_helpers import FakeBackend, FakeVision, bearer, collect, gateway_for, new_key
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn() -> Iterator[str]:
+    with postgres_server() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[FakeBackend]:
+    fake = FakeBackend(FakeVision())
+    await fake.start()
+    yield fake
+    await fake.kill()
+
+
+def _fresh_database(dsn: str) -> str:
+    import psycopg
+
+    name = f"ledger_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def test_postgres_ledger_bills_a_retry_once_and_survives_restart(
+    tmp_path: Path, backend: FakeBackend, postgres_dsn: str
+) -> None:
+    database = _fresh_database(postgres_dsn)
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text("tiers:\n  tiny: {concurrent_requests: 2, windows: {5h: 1.0}}\n")
+    gw = await gateway_for(tmp_path, backend.port, database=database, tiers_file=str(tiers))
+    key = await new_key(gw, "pg-tenant", "tiny")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
+        same = (*bearer(key), ("x-request-id", "once"))
+        await collect(ch, "hi", same)
+        await collect(ch, "hi", same)  # a retry: not billed again
+        assert gw.store.sync.total_usage() == (1, 0.5)
+        await collect(ch, "hi", bearer(key))  # 1.0: spent
+    await gw.stop(0)
+
+    again = await gateway_for(tmp_path, backend.port, database=database, tiers_file=str(tiers))
+    try:
+        assert again.store.sync.total_usage() == (2, 1.0)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await collect(ch, "hi", bearer(key))  # the key, too, survived
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "5h window" in (caught.value.details() or "")
+    finally:
+        await again.stop(0)
+
+
+async def test_two_gateways_sharing_redis_enforce_one_limit(
+    tmp_path: Path, backend: FakeBackend, redis_url: str
+) -> None:
+    database = str(tmp_path / "shared.sqlite3")
+    first = await gateway_for(
+        tmp_path, backend.port, database=database, redis_url=redis_url, queue_length=40,
+        queue_wait_s=20,
+    )  # fmt: skip
+    second = await gateway_for(
+        tmp_path, backend.port, database=database, redis_url=redis_url, queue_length=40,
+        queue_wait_s=20,
+    )  # fmt: skip
+    try:
+        key = await new_key(first, "shared-pro", "pro")
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as a,
+            grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as b,
+        ):
+            results = await asyncio.gather(
+                *(collect(ch, "sleep:0.1", bearer(key)) for ch in [a, b] * 10)
+            )
+        assert all(r[-1].HasField("final") for r in results)
+        assert backend.impl.peak["shared-pro"] == 3
+        assert await first.core.limiter.in_flight("shared-pro") == 0
+    finally:
+        await first.stop(0)
+        await second.stop(0)
+
+
+def _start_gateway_process(
+    tmp_path: Path, backend_port: int, database: str, redis_url: str
+) -> tuple[subprocess.Popen[str], int]:
+    env = dict(
+        os.environ,
+        DREAMSIGHT_GATEWAY_VISION_TARGET=f"127.0.0.1:{backend_port}",
+        DREAMSIGHT_GATEWAY_DATABASE=database,
+        DREAMSIGHT_GATEWAY_REDIS_URL=redis_url,
+        DREAMSIGHT_GATEWAY_LEASE_TTL_SECONDS="1.5",
+        DREAMSIGHT_GATEWAY_PORT="0",
+        DREAMSIGHT_GATEWAY_METRICS_PORT="0",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        match = re.search(r"gateway listening on [\d.]+:(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+    raise AssertionError(f"gateway exited with {proc.wait()}")
+
+
+async def test_a_killed_gateways_slots_come_back_after_the_lease(
+    tmp_path: Path, backend: FakeBackend, redis_url: str
+) -> None:
+    database = str(tmp_path / "shared.sqlite3")
+    survivor = await gateway_for(
+        tmp_path, backend.port, database=database, redis_url=redis_url, lease_ttl_s=1.5
+    )
+    proc, port = await asyncio.to_thread(
+        _start_gateway_process, tmp_path, backend.port, database, redis_url
+    )
+    try:
+        key = await new_key(survivor, "crashy", "free")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as doomed:
+            call = asyncio.ensure_future(collect(doomed, "sleep:30", bearer(key)))
+            for _ in range(100):
+                if await survivor.core.limiter.in_flight("crashy") == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert await survivor.core.limiter.in_flight("crashy") == 1
+            proc.send_signal(signal.SIGKILL)  # no release, no goodbye
+            proc.wait()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call
+        started = time.monotonic()
+        while await survivor.core.limiter.in_flight("crashy") != 0:
+            assert time.monotonic() - started < 10, "the lease never expired"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - started <= 3.0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{survivor.port}") as ch:
+            assert (await collect(ch, "hi", bearer(key)))[-1].HasField("final")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await survivor.stop(0)
+
+
+def _query(prometheus: str, expr: str) -> list[dict[str, object]]:
+    url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success"
+    result: list[dict[str, object]] = body["data"]["result"]
+    return result
+
+
+async def test_metrics_scraped_by_a_real_prometheus(tmp_path: Path, backend: FakeBackend) -> None:
+    gw: Gateway = await gateway_for(tmp_path, backend.port)
+    try:
+        key = await new_key(gw, "observed", "max")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
+            for _ in range(3):
+                await collect(ch, "hi", bearer(key))
+        target = f"127.0.0.1:{gw.server.metrics_port}"
+        with prometheus_server([target]) as prometheus:
+            expr = 'dreamsight_gateway_requests_total{code="OK",method="Chat",tier="max"}'
+            result: list[dict[str, object]] = []
+            for _ in range(150):
+                result = await asyncio.to_thread(_query, prometheus, expr)
+                if result:
+                    break
+                await asyncio.sleep(0.2)
+            assert result, "Prometheus never scraped the gateway"
+            value = result[0]["value"]
+            assert isinstance(value, list) and float(value[1]) == 3.0
+            gpu = await asyncio.to_thread(
+                _query, prometheus, "sum(dreamsight_gateway_gpu_seconds_total)"
+            )
+            value = gpu[0]["value"]
+            assert isinstance(value, list) and float(value[1]) == pytest.approx(1.5)
+    finally:
+        await gw.stop(0)

@@ -14,7 +14,7 @@ TORCH_CPU_UNUSED := torchaudio torchcodec
 DEMO_DIR ?= .dreamsight/models
 PYTEST_ARGS ?=
 
-.PHONY: system-deps setup demo test lint typecheck buf pytest protos clean bench-vision
+.PHONY: system-deps setup demo test lint typecheck buf pytest protos clean bench-vision bench-gateway
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ pytest: setup
 
 bench-vision: setup
 	$(BIN)/python bench/bench_vision.py
+
+bench-gateway: setup
+	PYTHONPATH=. $(BIN)/python bench/bench_gateway.py
 
 protos: setup
 	$(BIN)/python scripts/gen_protos.py

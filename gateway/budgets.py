@@ -26,8 +26,20 @@ class WindowUsage:
 class Budgets:
     """Checks windows before admission and records metered use after."""
 
-    def __init__(self, store: AsyncStore) -> None:
+    def __init__(self, store: AsyncStore, cache_ttl_s: float = 1.0) -> None:
         self._store = store
+        self._cache_ttl_s = cache_ttl_s
+        # (tenant, window name) -> (expires at, GPU-seconds used)
+        self._used: dict[tuple[str, str], tuple[float, float]] = {}
+
+    async def _used_in(self, tenant: str, window: Window, now: float) -> float:
+        key = (tenant, window.name)
+        cached = self._used.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        used = await self._store.run(self._store.sync.usage_since, tenant, now - window.seconds)
+        self._used[key] = (now + self._cache_ttl_s, used)
+        return used
 
     async def window_usage(self, tenant: str, window: Window, now: float) -> WindowUsage:
         """Use and reset time of one window."""
@@ -50,9 +62,7 @@ class Budgets:
         """ResourceExhausted at once when any window's budget is spent."""
         now = time.time()
         for window in tier.windows:
-            used = await self._store.run(
-                self._store.sync.usage_since, caller.tenant, now - window.seconds
-            )
+            used = await self._used_in(caller.tenant, window, now)
             if used >= window.limit_gpu_seconds:
                 usage = await self.window_usage(caller.tenant, window, now)
                 reset = datetime.fromtimestamp(usage.reset_at, UTC).isoformat(timespec="seconds")
@@ -69,7 +79,7 @@ class Budgets:
         self, request_id: str, caller: Caller, service: str, gpu_seconds: float
     ) -> bool:
         """Bill a request once per request id; False if it was already billed."""
-        return await self._store.run(
+        billed = await self._store.run(
             self._store.sync.record_usage,
             request_id,
             caller.tenant,
@@ -78,3 +88,8 @@ class Budgets:
             gpu_seconds,
             time.time(),
         )
+        if billed:  # this replica sees its own billing at once
+            for key, (expires, used) in list(self._used.items()):
+                if key[0] == caller.tenant:
+                    self._used[key] = (expires, used + gpu_seconds)
+        return billed

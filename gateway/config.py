@@ -40,6 +40,11 @@ class GatewaySettings:
     """Redis slot leases expire after this long without a heartbeat."""
     key_cache_ttl_s: float = 5.0
     """How long a verified key is trusted before the store is asked again."""
+    budget_cache_ttl_s: float = 1.0
+    """How long a tenant's window totals are reused before the ledger is asked again
+    (this replica's own billing updates them at once)."""
+    event_loop: str = "uvloop"
+    """``uvloop`` (less CPU per proxied chunk) or ``asyncio``."""
     server: ServerOptions = field(
         default_factory=lambda: ServerOptions(port=50051, max_receive_bytes=100 * 1024 * 1024)
     )
@@ -64,6 +69,9 @@ def parse_settings(
     p.add_argument("--queue-length", type=int, default=int(_env(env, "QUEUE_LENGTH", "8")))
     p.add_argument("--queue-wait", type=float, default=float(_env(env, "QUEUE_WAIT_SECONDS", "10")))
     p.add_argument("--lease-ttl", type=float, default=float(_env(env, "LEASE_TTL_SECONDS", "15")))
+    p.add_argument(
+        "--event-loop", choices=["uvloop", "asyncio"], default=_env(env, "EVENT_LOOP", "uvloop")
+    )
     p.add_argument("--host", default=_env(env, "HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env(env, "PORT", "50051")))
     p.add_argument("--metrics-port", type=int, default=int(_env(env, "METRICS_PORT", "9101")))
@@ -81,6 +89,7 @@ def parse_settings(
         queue_length=a.queue_length,
         queue_wait_s=a.queue_wait,
         lease_ttl_s=a.lease_ttl,
+        event_loop=a.event_loop,
         server=ServerOptions(
             host=a.host,
             port=a.port,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from dreamsight_server.errors import Unauthenticated
+from dreamsight_server.errors import ErrorTable, Unauthenticated
 from dreamsight_server.metadata import GATEWAY_TOKEN_HEADER, REQUEST_ID_HEADER, TENANT_HEADER
 from gateway.admission import Lease, Limiter
 from gateway.budgets import Budgets
@@ -60,7 +60,9 @@ class GatewayCore:
         limiter: Limiter,
         metrics: GatewayMetrics,
         backend_secret: str = "",
+        errors: ErrorTable | None = None,
     ) -> None:
+        self.errors = errors or ErrorTable()
         self.keys = keys
         self.tiers = tiers
         self.budgets = budgets

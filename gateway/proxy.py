@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
+from dreamsight_server.interceptors import abort_with, maps_own_errors
 from dreamsight_server.metadata import GPU_SECONDS_TRAILER, REQUEST_ID_HEADER
 from gateway.core import Admission, GatewayCore
 
@@ -104,30 +105,42 @@ class ServiceProxy:
                 )
         return grpc.method_handlers_generic_handler(self._descriptor.full_name, handlers)
 
-    async def _admit(self, context: Context, method: str, metered: bool) -> Admission:
+    async def _admit(self, context: Context, method: str, metered: bool) -> Admission | None:
+        """Admit the call, or end it with the mapped error and return None."""
         metadata = _metadata(context)
-        return await self._core.admit(
-            metadata.get("authorization"),
-            self._service,
-            method,
-            metadata.get(REQUEST_ID_HEADER),
-            metered=metered,
-        )
+        try:
+            return await self._core.admit(
+                metadata.get("authorization"),
+                self._service,
+                method,
+                metadata.get(REQUEST_ID_HEADER),
+                metered=metered,
+            )
+        except Exception as error:
+            await abort_with(context, error, f"{self._service}/{method}", self._core.errors)
+            return None
 
     def _streaming(self, path: str, method: str, metered: bool) -> Any:
         multicallable = self._channel.unary_stream(path, None, None)
+        core = self._core
 
+        @maps_own_errors
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
             admission = await self._admit(context, method, metered)
+            if admission is None:
+                return
             code, gpu = grpc.StatusCode.UNKNOWN, None
             call = multicallable(
                 request,
-                metadata=self._core.backend_metadata(admission),
+                metadata=core.backend_metadata(admission),
                 timeout=context.time_remaining(),
             )
             try:
+                first = True
                 async for chunk in call:
-                    self._core.first_chunk(admission)
+                    if first:
+                        first = False
+                        core.first_chunk(admission)
                     yield chunk
                 code = grpc.StatusCode.OK
                 gpu = _gpu_seconds(await call.trailing_metadata())
@@ -140,19 +153,23 @@ class ServiceProxy:
                 call.cancel()
                 raise
             finally:
-                await asyncio.shield(self._core.finish(admission, code, gpu))
+                await asyncio.shield(core.finish(admission, code, gpu))
 
         return forward
 
     def _unary(self, path: str, method: str, metered: bool) -> Any:
         multicallable = self._channel.unary_unary(path, None, None)
+        core = self._core
 
-        async def forward(request: bytes, context: Context) -> bytes:
+        @maps_own_errors
+        async def forward(request: bytes, context: Context) -> bytes | None:
             admission = await self._admit(context, method, metered)
+            if admission is None:
+                return None
             code, gpu = grpc.StatusCode.UNKNOWN, None
             call = multicallable(
                 request,
-                metadata=self._core.backend_metadata(admission),
+                metadata=core.backend_metadata(admission),
                 timeout=context.time_remaining(),
             )
             try:
@@ -163,13 +180,13 @@ class ServiceProxy:
             except grpc.aio.AioRpcError as error:
                 code = error.code()
                 await _pass_error(context, error)
-                raise AssertionError("unreachable: abort raises") from None
+                return None
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 call.cancel()
                 raise
             finally:
-                await asyncio.shield(self._core.finish(admission, code, gpu))
+                await asyncio.shield(core.finish(admission, code, gpu))
 
         return forward
 

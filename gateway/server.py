@@ -76,7 +76,7 @@ async def start_gateway(
     core = GatewayCore(
         keys=KeyService(store, set(tiers), settings.key_cache_ttl_s),
         tiers=tiers,
-        budgets=Budgets(store),
+        budgets=Budgets(store, settings.budget_cache_ttl_s),
         limiter=build_limiter(settings),
         metrics=metrics,
         backend_secret=settings.backend_secret,

@@ -99,6 +99,8 @@ class ErrorTable:
 
     def code_for(self, error: BaseException) -> grpc.StatusCode:
         """The status for an error; INTERNAL for anything unmapped."""
+        if isinstance(error, NotImplementedError):  # generated servicer base classes
+            return grpc.StatusCode.UNIMPLEMENTED
         for cls in type(error).__mro__:
             if cls in self.codes:
                 return self.codes[cls]

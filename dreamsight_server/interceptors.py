@@ -63,6 +63,8 @@ async def abort_with(
     request_id = request_id or request_id_var.get()
     if isinstance(error, DreamsightError) and code is not grpc.StatusCode.INTERNAL:
         status = to_status(code, error.message, error)
+    elif code is grpc.StatusCode.UNIMPLEMENTED:
+        status = to_status(code, f"{method} is not implemented", None)
     else:
         log.exception("internal error in %s (request id %s)", method, request_id)
         status = to_status(

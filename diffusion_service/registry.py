@@ -1,0 +1,201 @@
+"""The models a diffusion worker knows, and who may use them.
+
+Base models are shared by every tenant. A fine-tuned model belongs to the
+tenant whose job trained it: other tenants cannot see it in ListModels and
+get PERMISSION_DENIED when they name it. :meth:`ModelRegistry.register_fine_tuned`
+is the hook the DreamBooth trainer calls when a job succeeds; registrations
+live in memory only for now, so a restart forgets them (the trainer's job
+store will re-register its models at start-up).
+
+Registering reads the model's configs and tokenizer (small files, no
+weights): the default image size comes from the UNet's sample size times
+the VAE's downsampling, and the tokenizer checks prompt lengths before a
+request is queued. Weights are loaded later, on demand, by
+:class:`diffusion_service.pipelines.PipelineCache`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffusion_service.config import BaseModel
+from diffusion_service.domain import ModelInfo, Origin
+from dreamsight_server.demo_marker import read_marker
+from dreamsight_server.errors import FailedPrecondition, NotFound, PermissionDenied
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Description:
+    """What registration learns from a model's small files."""
+
+    default_width: int
+    default_height: int
+    demo: bool
+    tokenizer: Any
+    """The model's CLIP tokenizer, used only to count prompt tokens."""
+    max_tokens: int
+    max_steps: int
+    """Half the scheduler's training timesteps: more breaks some schedulers."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model."""
+
+    info: ModelInfo
+    source: str
+    """Where the weights are: a directory or hub id (also for fine-tuned models)."""
+    description: Description
+
+
+def describe(source: str) -> Description:
+    """Read a Stable Diffusion pipeline's configs and tokenizer (no weights)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    unet: Any = UNet2DConditionModel.load_config(source, subfolder="unet")
+    vae: Any = AutoencoderKL.load_config(source, subfolder="vae")
+    scheduler: Any = DDIMScheduler.load_config(source, subfolder="scheduler")
+    scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    sample = unet.get("sample_size", 64)
+    height, width = (sample, sample) if isinstance(sample, int) else (sample[0], sample[1])
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    local = Path(source)
+    return Description(
+        default_width=int(width) * scale,
+        default_height=int(height) * scale,
+        demo=local.is_dir() and read_marker(local) is not None,
+        tokenizer=tokenizer,
+        max_tokens=int(tokenizer.model_max_length),
+        max_steps=int(scheduler.get("num_train_timesteps", 1000)) // 2,
+    )
+
+
+class ModelRegistry:
+    """Thread-safe name -> model map with tenancy checks."""
+
+    def __init__(self, describer: Callable[[str], Description] = describe) -> None:
+        self._describe = describer
+        self._lock = threading.Lock()
+        self._entries: dict[str, ModelEntry] = {}
+        self._default = ""
+
+    @property
+    def default_model(self) -> str:
+        """The base model used when a request names none."""
+        return self._default
+
+    def add_base(self, model: BaseModel) -> ModelInfo:
+        """Register a base model (reads its configs; call off the event loop)."""
+        _check_name(model.name)
+        desc = self._describe(model.source)
+        info = ModelInfo(
+            name=model.name,
+            origin=Origin.DEMO if desc.demo else Origin.PRETRAINED,
+            demo=desc.demo,
+            default_width=desc.default_width,
+            default_height=desc.default_height,
+            source=model.source,
+        )
+        with self._lock:
+            if model.name in self._entries:
+                raise FailedPrecondition(f"model {model.name!r} already exists")
+            self._entries[model.name] = ModelEntry(info, model.source, desc)
+            self._default = self._default or model.name
+        return info
+
+    def register_fine_tuned(
+        self, name: str, path: str | Path, owner_tenant: str, base_model: str, job_id: str
+    ) -> ModelInfo:
+        """Register a tenant's fine-tuned pipeline directory under ``name``.
+
+        Names are unique across tenants. Raises NotFound for an unknown base
+        model and FailedPrecondition for a taken name or an unreadable
+        directory. Reads small files: call it off the event loop.
+        """
+        _check_name(name)
+        if not owner_tenant:
+            raise FailedPrecondition("a fine-tuned model needs an owner tenant")
+        with self._lock:
+            base = self._entries.get(base_model)
+            if base is None or base.info.fine_tuned:
+                raise NotFound(f"base model {base_model!r} not found")
+            if name in self._entries:
+                raise FailedPrecondition(f"model {name!r} already exists")
+        try:
+            desc = self._describe(str(path))
+        except (OSError, ValueError) as error:
+            raise FailedPrecondition(f"{path} is not a Stable Diffusion pipeline") from error
+        info = ModelInfo(
+            name=name,
+            origin=Origin.FINE_TUNED,
+            # A fine-tune of a toy is a toy.
+            demo=desc.demo or base.info.demo,
+            default_width=desc.default_width,
+            default_height=desc.default_height,
+            base_model=base_model,
+            job_id=job_id,
+            owner=owner_tenant,
+        )
+        with self._lock:
+            if name in self._entries:
+                raise FailedPrecondition(f"model {name!r} already exists")
+            self._entries[name] = ModelEntry(info, str(path), desc)
+        return info
+
+    def resolve(self, name: str, tenant: str) -> ModelEntry:
+        """The model a tenant may generate with; empty name means the default."""
+        with self._lock:
+            entry = self._entries.get(name or self._default)
+        if entry is None:
+            raise NotFound(f"model {name!r} not found")
+        if entry.info.fine_tuned and entry.info.owner != tenant:
+            raise PermissionDenied(f"model {name!r} belongs to another tenant")
+        return entry
+
+    def contains(self, entry: ModelEntry) -> bool:
+        """Whether this very entry is still registered (not deleted or replaced)."""
+        with self._lock:
+            return self._entries.get(entry.info.name) is entry
+
+    def visible(self, tenant: str) -> list[ModelInfo]:
+        """Base models (in configured order), then the tenant's fine-tuned models."""
+        with self._lock:
+            infos = [e.info for e in self._entries.values()]
+        base = [i for i in infos if not i.fine_tuned]
+        own = [i for i in infos if i.fine_tuned and i.owner == tenant]
+        return base + own
+
+    def delete(self, name: str, tenant: str) -> ModelEntry:
+        """Forget one of the tenant's fine-tuned models (files are left alone)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise NotFound(f"model {name!r} not found")
+            if not entry.info.fine_tuned:
+                raise PermissionDenied(f"model {name!r} is a shared base model")
+            if entry.info.owner != tenant:
+                raise PermissionDenied(f"model {name!r} belongs to another tenant")
+            del self._entries[name]
+        return entry
+
+
+def _check_name(name: str) -> None:
+    if not MODEL_NAME.fullmatch(name):
+        raise FailedPrecondition(
+            f"model name {name!r} must be 1 to 128 letters, digits or ._:/@+- "
+            "starting with a letter or digit"
+        )
+
+
+def count_tokens(entry: ModelEntry, text: str) -> int:
+    """Tokens of a prompt as the pipeline's text encoder sees it (start/end included)."""
+    ids = entry.description.tokenizer(text, truncation=False)["input_ids"]
+    return len(ids)

@@ -150,6 +150,8 @@ class ServiceProxy:
                 await _pass_error(context, error)
             except (asyncio.CancelledError, GeneratorExit):
                 code = grpc.StatusCode.CANCELLED
+                if call.done():  # upstream had finished: its work is reported, bill it
+                    gpu = _gpu_seconds(await call.trailing_metadata())  # returns at once
                 call.cancel()
                 raise
             finally:

@@ -77,7 +77,11 @@ GREEDY: dreamsight.Options = {"temperature": 0.0, "max_tokens": 6}
 async def test_sync_chat_streaming_and_not(stack: Stack) -> None:
     def run() -> tuple[list[dreamsight.ChatChunk], dreamsight.ChatResponse]:
         with dreamsight.Client(stack.target, api_key=stack.key) as client:
-            message = {"role": "user", "content": "What is it?", "images": [_png("red")]}
+            message: dreamsight.MessageDict = {
+                "role": "user",
+                "content": "What is it?",
+                "images": [_png("red")],
+            }
             chunks = list(client.chat("llava-demo", [message], options=GREEDY, stream=True))
             reply = client.chat("llava-demo", [message], options=GREEDY)
             return chunks, reply

@@ -38,6 +38,8 @@ class VisionSettings:
     dtype: str = "auto"
     enforce_eager: bool = False
     default_max_tokens: int = 512
+    gateway_secret: str = ""
+    """When set, calls must carry it (x-dreamsight-gateway-token): only the gateway may call."""
     max_stop_strings: int = 16
     images: ImageLimits = field(default_factory=ImageLimits)
     server: ServerOptions = field(default_factory=lambda: ServerOptions(port=50052))
@@ -109,6 +111,8 @@ def parse_settings(
         dtype=a.dtype,
         enforce_eager=a.enforce_eager,
         default_max_tokens=a.default_max_tokens,
+        # A secret: from the environment only, never a flag (ps shows flags).
+        gateway_secret=_env(env, "GATEWAY_SECRET", ""),
         images=images,
         server=ServerOptions(
             host=a.host,

@@ -12,6 +12,7 @@ from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from dreamsight_server.errors import ErrorTable, NotFound, Unavailable
 from dreamsight_server.metadata import gpu_seconds_trailer
+from dreamsight_server.tenancy import tenant_from_metadata
 from vision_service import convert
 from vision_service.config import VisionSettings
 from vision_service.domain import ChatDone
@@ -42,6 +43,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         outcome = "ok"
         self._metrics.in_flight.inc()
         try:
+            self._check_caller(context)
             if not self._engine.ready:
                 raise Unavailable("the vision model is loading; retry shortly")
             chat = await asyncio.to_thread(
@@ -66,15 +68,22 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             self._metrics.in_flight.dec()
             self._metrics.requests.labels("Chat", outcome).inc()
 
+    def _check_caller(self, context: Context) -> None:
+        """With a gateway secret configured, only the gateway may call."""
+        if self._settings.gateway_secret:
+            tenant_from_metadata(context.invocation_metadata(), self._settings.gateway_secret)
+
     async def ListModels(
         self, request: vision_pb2.ListModelsRequest, context: Context
     ) -> vision_pb2.ListModelsResponse:
+        self._check_caller(context)
         self._metrics.requests.labels("ListModels", "ok").inc()
         return vision_pb2.ListModelsResponse(models=[convert.vision_model(self._engine.info)])
 
     async def GetModel(
         self, request: vision_pb2.GetModelRequest, context: Context
     ) -> vision_pb2.GetModelResponse:
+        self._check_caller(context)
         if request.name != self._engine.info.name:
             self._metrics.requests.labels("GetModel", "not_found").inc()
             raise NotFound(f"model {request.name!r} is not served here")

@@ -183,6 +183,7 @@ async def main() -> None:
         DREAMSIGHT_GATEWAY_PORT=str(gateway_port),
         DREAMSIGHT_GATEWAY_METRICS_PORT=str(free_port()),
         DREAMSIGHT_GATEWAY_QUEUE_LENGTH="0",
+        DREAMSIGHT_GATEWAY_HTTP_PORT="-1",
     )
     gateway = subprocess.Popen(
         [sys.executable, "-m", "gateway"], env=gateway_env, stderr=subprocess.DEVNULL

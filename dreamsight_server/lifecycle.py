@@ -15,6 +15,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,6 +39,33 @@ class ServerOptions:
     grace_s: float = 30.0
     max_receive_bytes: int = 4 * 1024 * 1024
     max_pending_requests: int = 10_000
+    tls: TlsFiles | None = None
+    """Serve TLS with these files instead of plaintext."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS port; with ``client_ca`` the peer must present a
+    certificate it signed (mTLS, e.g. between gateway and backends)."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials for a server port."""
+        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        pair = [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())]
+        return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=bool(ca))
+
+
+def tls_files(cert: str, key: str, client_ca: str = "") -> TlsFiles | None:
+    """TlsFiles when a certificate is configured, else None (plaintext)."""
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ValueError("TLS needs both a certificate and a key file")
+    return TlsFiles(cert, key, client_ca)
 
 
 class GrpcServer:
@@ -74,7 +102,11 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Bind, start serving (health NOT_SERVING) and return the bound port."""
-        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        address = f"{self.options.host}:{self.options.port}"
+        if self.options.tls is not None:
+            self.port = self.server.add_secure_port(address, self.options.tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self.options.host}:{self.options.port}")
         await self.set_serving(False)

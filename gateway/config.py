@@ -43,6 +43,9 @@ class GatewaySettings:
     budget_cache_ttl_s: float = 1.0
     """How long a tenant's window totals are reused before the ledger is asked again
     (this replica's own billing updates them at once)."""
+    http_port: int | None = 11434
+    """Port of the Ollama- and OpenAI-compatible HTTP API (Ollama's own port by
+    default), on the gRPC host; 0 picks a free port, None turns HTTP off."""
     event_loop: str = "uvloop"
     """``uvloop`` (less CPU per proxied chunk) or ``asyncio``."""
     server: ServerOptions = field(
@@ -74,6 +77,12 @@ def parse_settings(
     )
     p.add_argument("--host", default=_env(env, "HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env(env, "PORT", "50051")))
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=int(_env(env, "HTTP_PORT", "11434")),
+        help="Ollama/OpenAI-compatible HTTP port; 0 picks a free one, -1 turns HTTP off",
+    )
     p.add_argument("--metrics-port", type=int, default=int(_env(env, "METRICS_PORT", "9101")))
     p.add_argument("--grace-seconds", type=float, default=float(_env(env, "GRACE_SECONDS", "30")))
     a = p.parse_args(argv)
@@ -89,6 +98,7 @@ def parse_settings(
         queue_length=a.queue_length,
         queue_wait_s=a.queue_wait,
         lease_ttl_s=a.lease_ttl,
+        http_port=None if a.http_port < 0 else a.http_port,
         event_loop=a.event_loop,
         server=ServerOptions(
             host=a.host,

@@ -1,4 +1,4 @@
-"""The gateway's data plane, shared by every front end (gRPC today, HTTP next).
+"""The gateway's data plane, shared by every front end (gRPC, Ollama and OpenAI HTTP).
 
 A call is admitted (key verified, budgets checked, a concurrency slot taken,
 in that order, so a refused call holds nothing) and later finished (slot
@@ -39,9 +39,12 @@ class Admission:
     method: str
     request_id: str
     lease: Lease | None
+    protocol: str = "grpc"
+    """The front end that admitted the call: grpc, ollama or openai."""
     started: float = field(default_factory=time.monotonic)
     first_chunk_seen: bool = False
     finished: bool = False
+    watched_job_ended: bool = False
 
     @property
     def ledger_id(self) -> str:
@@ -91,17 +94,21 @@ class GatewayCore:
         request_id: str | None,
         *,
         metered: bool,
+        protocol: str = "grpc",
+        budget_only: bool = False,
     ) -> Admission:
-        """Admit a call; metered calls check budgets and take a slot."""
+        """Admit a call; metered calls check budgets and take a slot, budget_only
+        calls (a new training job) check budgets alone."""
         caller, tier = await self.authenticate(authorization)
         rid = request_id if request_id and _REQUEST_ID.match(request_id) else uuid.uuid4().hex
         lease = None
-        if metered:
+        if metered or budget_only:
             try:
                 await self.budgets.check(caller, tier)
             except Exception:
                 self.metrics.rejections.labels("gpu_budget").inc()
                 raise
+        if metered:
             try:
                 lease = await self.limiter.acquire(caller.tenant, tier.concurrent_requests)
             except Exception:
@@ -109,14 +116,15 @@ class GatewayCore:
                 raise
             self.metrics.queue_wait.labels(tier.name).observe(lease.waited_s)
             self.metrics.in_flight.labels(tier.name).inc()
-        return Admission(caller, tier, service, method, rid, lease)
+        return Admission(caller, tier, service, method, rid, lease, protocol)
 
     def backend_metadata(self, admission: Admission) -> tuple[tuple[str, str], ...]:
         """What a backend hears: the vouched tenant and request id, nothing of the caller's."""
-        metadata = [
-            (TENANT_HEADER, admission.caller.tenant),
-            (REQUEST_ID_HEADER, admission.request_id),
-        ]
+        return self.tenant_metadata(admission.caller.tenant, admission.request_id)
+
+    def tenant_metadata(self, tenant: str, request_id: str) -> tuple[tuple[str, str], ...]:
+        """Backend metadata for a tenant's call."""
+        metadata = [(TENANT_HEADER, tenant), (REQUEST_ID_HEADER, request_id)]
         if self._backend_secret:
             metadata.append((GATEWAY_TOKEN_HEADER, self._backend_secret))
         return tuple(metadata)
@@ -142,7 +150,9 @@ class GatewayCore:
                 self.metrics.in_flight.labels(tier).dec()
                 await self.limiter.release(admission.lease)
         finally:
-            self.metrics.requests.labels(admission.service, admission.method, code.name, tier).inc()
+            self.metrics.requests.labels(
+                admission.service, admission.method, code.name, tier, admission.protocol
+            ).inc()
             self.metrics.latency.labels(admission.service, admission.method).observe(
                 time.monotonic() - admission.started
             )

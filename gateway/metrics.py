@@ -1,7 +1,8 @@
 """The gateway's Prometheus metrics, on an injected registry.
 
 Labels are bounded: service, method, status code, tier (operator-defined,
-few) and rejection reason. Never a key, tenant or request id.
+few), front-end protocol (grpc, ollama, openai) and rejection reason. Never
+a key, tenant or request id.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ class GatewayMetrics:
         self.registry = registry
         self.requests = Counter(
             "dreamsight_gateway_requests_total",
-            "Requests by service, method, final status code and tier",
-            ["service", "method", "code", "tier"],
+            "Requests by service, method, final status code, tier and front-end protocol",
+            ["service", "method", "code", "tier", "protocol"],
             registry=registry,
         )
         self.latency = Histogram(

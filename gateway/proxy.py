@@ -25,6 +25,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from dreamsight_server.interceptors import abort_with, maps_own_errors
 from dreamsight_server.metadata import GPU_SECONDS_TRAILER, REQUEST_ID_HEADER
 from gateway.core import Admission, GatewayCore
+from gateway.training import TRAINING_METHODS, TrainingMeter, watched_job_id
 
 # Calls that run a model: they need a concurrency slot and budget, and are billed.
 METERED_METHODS = frozenset({"Chat", "Generate"})
@@ -82,12 +83,17 @@ class ServiceProxy:
     """Generic handlers forwarding one proto service to one backend channel."""
 
     def __init__(
-        self, descriptor: ServiceDescriptor, channel: grpc.aio.Channel, core: GatewayCore
+        self,
+        descriptor: ServiceDescriptor,
+        channel: grpc.aio.Channel,
+        core: GatewayCore,
+        training: TrainingMeter | None = None,
     ) -> None:
         self._descriptor = descriptor
         self._channel = channel
         self._core = core
         self._service = descriptor.name
+        self._training = training
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         """The generic handler to add to the gateway's server."""
@@ -95,7 +101,16 @@ class ServiceProxy:
         for method in self._descriptor.methods:
             path = f"/{self._descriptor.full_name}/{method.name}"
             metered = method.name in METERED_METHODS
-            if method.server_streaming:
+            if self._training is not None and method.name in TRAINING_METHODS:
+                make = (
+                    grpc.unary_stream_rpc_method_handler
+                    if method.server_streaming
+                    else grpc.unary_unary_rpc_method_handler
+                )
+                handlers[method.name] = make(
+                    self._training_call(path, method.name, method.server_streaming)
+                )
+            elif method.server_streaming:
                 handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                     self._streaming(path, method.name, metered)
                 )
@@ -105,7 +120,9 @@ class ServiceProxy:
                 )
         return grpc.method_handlers_generic_handler(self._descriptor.full_name, handlers)
 
-    async def _admit(self, context: Context, method: str, metered: bool) -> Admission | None:
+    async def _admit(
+        self, context: Context, method: str, metered: bool, budget_only: bool = False
+    ) -> Admission | None:
         """Admit the call, or end it with the mapped error and return None."""
         metadata = _metadata(context)
         try:
@@ -115,10 +132,14 @@ class ServiceProxy:
                 method,
                 metadata.get(REQUEST_ID_HEADER),
                 metered=metered,
+                budget_only=budget_only,
             )
         except Exception as error:
             await abort_with(context, error, f"{self._service}/{method}", self._core.errors)
             return None
+
+    def _training_call(self, path: str, method: str, streaming: bool) -> Any:
+        return _training_forward(self, path, method, streaming)
 
     def _streaming(self, path: str, method: str, metered: bool) -> Any:
         multicallable = self._channel.unary_stream(path, None, None)
@@ -193,8 +214,64 @@ class ServiceProxy:
         return forward
 
 
+def _training_forward(proxy: ServiceProxy, path: str, method: str, streaming: bool) -> Any:
+    """Training calls: the tier's job limit goes upstream; ended jobs get billed."""
+    training = proxy._training
+    assert training is not None
+    core = proxy._core
+    budget_only = method == "CreateTrainingJob"
+
+    async def unary(request: bytes, context: Context) -> bytes | None:
+        admission = await proxy._admit(context, method, False, budget_only)
+        if admission is None:
+            return None
+        code = grpc.StatusCode.UNKNOWN
+        call = proxy._channel.unary_unary(path, None, None)(
+            request, metadata=training.metadata(admission), timeout=context.time_remaining()
+        )
+        try:
+            response: bytes = await call
+            code = grpc.StatusCode.OK
+            await training.observe(admission, method, response)
+            return response
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            await _pass_error(context, error)
+            return None
+        finally:
+            await asyncio.shield(core.finish(admission, code, None))
+
+    async def stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
+        admission = await proxy._admit(context, method, False)
+        if admission is None:
+            return
+        code = grpc.StatusCode.UNKNOWN
+        call = proxy._channel.unary_stream(path, None, None)(
+            request, metadata=training.metadata(admission), timeout=context.time_remaining()
+        )
+        try:
+            async for chunk in call:
+                await training.observe(admission, method, chunk)
+                yield chunk
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            await _pass_error(context, error)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            call.cancel()
+            raise
+        finally:
+            if admission.watched_job_ended:
+                await asyncio.shield(training.after_watch(admission, watched_job_id(request)))
+            await asyncio.shield(core.finish(admission, code, None))
+
+    return maps_own_errors(stream if streaming else unary)
+
+
 def proxies(
-    core: GatewayCore, routes: Iterable[tuple[ServiceDescriptor, grpc.aio.Channel]]
+    core: GatewayCore,
+    routes: Iterable[tuple[ServiceDescriptor, grpc.aio.Channel, TrainingMeter | None]],
 ) -> list[grpc.GenericRpcHandler[Any, Any]]:
     """Generic handlers for every proxied service."""
-    return [ServiceProxy(d, channel, core).handler() for d, channel in routes]
+    return [ServiceProxy(d, channel, core, training).handler() for d, channel, training in routes]

@@ -17,12 +17,14 @@ from gateway.admission import Limiter, LocalLimiter, RedisLimiter
 from gateway.budgets import Budgets
 from gateway.config import GatewaySettings
 from gateway.core import GatewayCore
+from gateway.http_server import HttpServer, start_http
 from gateway.keys import KeyService
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import backend_channel, proxies
 from gateway.servicers import AdminServicer, UsageServicer
 from gateway.store import AsyncStore, SqlStore
 from gateway.tiers import load_tiers
+from gateway.training import TrainingMeter
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +43,26 @@ class Gateway:
     core: GatewayCore
     store: AsyncStore
     channels: list[grpc.aio.Channel]
+    http: HttpServer | None = None
+    """The Ollama/OpenAI HTTP front end, unless settings.http_port is None."""
 
     @property
     def port(self) -> int:
         """The bound gRPC port."""
         return self.server.port
 
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port, or None when HTTP is off."""
+        return self.http.port if self.http else None
+
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, drain within the grace period, close backends and the store."""
-        await self.server.stop(grace_s)
+        grace = self.settings.server.grace_s if grace_s is None else grace_s
+        stopping = [self.server.stop(grace)]
+        if self.http is not None:
+            stopping.append(self.http.stop(grace))
+        await asyncio.gather(*stopping)
         for channel in self.channels:
             await channel.close(grace=None)
         await self.core.limiter.close()
@@ -84,24 +97,34 @@ async def start_gateway(
     max_bytes = settings.server.max_receive_bytes
     vision = backend_channel(settings.vision_target, max_bytes)
     diffusion = backend_channel(settings.diffusion_target, max_bytes)
+    training = TrainingMeter(core, diffusion)
     names = [d.full_name for d in (VISION, DIFFUSION, USAGE, ADMIN)]
     server = GrpcServer(settings.server, names, registry)
     server.server.add_generic_rpc_handlers(
-        proxies(core, [(VISION, vision), (DIFFUSION, diffusion)])
+        proxies(core, [(VISION, vision, None), (DIFFUSION, diffusion, training)])
     )
-    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(core), server.server)
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(core, training), server.server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(core, settings.admin_token), server.server
     )
     await server.start()
+    gateway = Gateway(settings, server, core, store, [vision, diffusion])
+    if settings.http_port is not None:
+        try:
+            gateway.http = await start_http(
+                core, vision, diffusion, settings.server.host, settings.http_port, max_bytes
+            )
+        except BaseException:  # e.g. the port is taken: leave nothing running
+            await gateway.stop(0)
+            raise
     await server.set_serving(True)
-    return Gateway(settings, server, core, store, [vision, diffusion])
+    return gateway
 
 
 async def run(settings: GatewaySettings) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     gateway = await start_gateway(settings)
-    log.info("gateway listening on %s:%d", settings.server.host, gateway.port)
+    log.info("gateway listening on %s:%d (gRPC)", settings.server.host, gateway.port)
     stopping = asyncio.Event()
     on_shutdown_signals(stopping.set)
     await stopping.wait()

@@ -12,6 +12,7 @@ from dreamsight.gateway.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb
 from dreamsight_server.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from gateway import convert
 from gateway.core import GatewayCore
+from gateway.training import TrainingMeter
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -26,19 +27,22 @@ def _authorization(context: Context) -> str | None:
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     """GetUsage for the calling key's tenant."""
 
-    def __init__(self, core: GatewayCore) -> None:
+    def __init__(self, core: GatewayCore, training: TrainingMeter | None = None) -> None:
         self._core = core
+        self._training = training
 
     async def GetUsage(
         self, request: usage_pb2.GetUsageRequest, context: Context
     ) -> usage_pb2.GetUsageResponse:
         caller, tier = await self._core.authenticate(_authorization(context))
+        # Bill jobs that ended since they were last seen, and count the running ones.
+        jobs = await self._training.reconcile(caller) if self._training else 0
         now = time.time()
         windows = [
             await self._core.budgets.window_usage(caller.tenant, w, now) for w in tier.windows
         ]
         in_flight = await self._core.limiter.in_flight(caller.tenant)
-        return convert.usage_response(caller, tier, in_flight, 0, windows)
+        return convert.usage_response(caller, tier, in_flight, jobs, windows)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

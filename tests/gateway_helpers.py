@@ -118,11 +118,13 @@ async def gateway_for(
     queue_wait_s: float = 5.0,
     lease_ttl_s: float = 15.0,
     metrics_port: int | None = 0,
+    http_port: int | None = None,
+    diffusion_port: int | None = None,
 ) -> Gateway:
-    """A gateway on port 0 whose backends are the fake."""
+    """A gateway on port 0 whose backends are the fake (HTTP off unless asked)."""
     settings = GatewaySettings(
         vision_target=f"127.0.0.1:{backend_port}",
-        diffusion_target=f"127.0.0.1:{backend_port}",
+        diffusion_target=f"127.0.0.1:{diffusion_port or backend_port}",
         tiers_file=tiers_file,
         database=database or str(tmp_path / "gateway.sqlite3"),
         redis_url=redis_url,
@@ -130,6 +132,7 @@ async def gateway_for(
         queue_length=queue_length,
         queue_wait_s=queue_wait_s,
         lease_ttl_s=lease_ttl_s,
+        http_port=http_port,
         server=ServerOptions(metrics_port=metrics_port, grace_s=1.0),
     )
     return await start_gateway(settings)

@@ -334,8 +334,8 @@ async def test_metrics_count_by_code_and_tier_without_keys(
     assert gateway.server.metrics_port
     text = await asyncio.to_thread(_scrape, gateway.server.metrics_port)
     assert (
-        'dreamsight_gateway_requests_total{code="OK",method="Chat",service="VisionService",'
-        'tier="pro"} 1.0' in text
+        'dreamsight_gateway_requests_total{code="OK",method="Chat",protocol="grpc",'
+        'service="VisionService",tier="pro"} 1.0' in text
     )
     assert 'dreamsight_gateway_rejections_total{reason="unauthenticated"} 1.0' in text
     assert 'dreamsight_gateway_gpu_seconds_total{service="VisionService",tier="pro"} 0.5' in text

@@ -105,6 +105,7 @@ def start(home: Path, gateway_port: int, http_port: int, quiet: bool = False) ->
     (home / "logs").mkdir(exist_ok=True)
     vision_port, diffusion_port = _free_port(), _free_port()
     gateway_port = gateway_port or _free_port()
+    http_port = _free_port() if http_port == 0 else http_port  # -1: no HTTP
     stack = Stack(home, gateway_port, http_port, admin_token=secrets.token_urlsafe(24))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     commands: dict[str, tuple[list[str], dict[str, str]]] = {

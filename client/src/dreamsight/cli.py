@@ -357,7 +357,7 @@ def cmd_up(args: argparse.Namespace, out: Output) -> int:
     info = {
         "target": stack.target,
         "api_key": stack.api_key,
-        "http": f"http://127.0.0.1:{stack.http_port}" if stack.http_port else "",
+        "http": f"http://127.0.0.1:{stack.http_port}" if stack.http_port > 0 else "",
         "home": str(home),
     }
     if out.json:
@@ -452,7 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run gateway, vision and diffusion here (demo models)")
     up.add_argument("--home", help="state directory (default $DREAMSIGHT_HOME or .dreamsight)")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: any free port)")
-    up.add_argument("--http-port", type=int, default=11434, help="Ollama/OpenAI HTTP port")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=11434,
+        help="Ollama/OpenAI HTTP port (0: any free port, -1: off)",
+    )
     up.set_defaults(run=cmd_up)
     return parser
 

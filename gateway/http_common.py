@@ -1,0 +1,494 @@
+"""What the Ollama and OpenAI adapters share: upstream calls through the core,
+errors as HTTP statuses, and typed reads of JSON request bodies.
+
+Every upstream call is admitted by :class:`~gateway.core.GatewayCore` (key,
+budgets, a concurrency slot for metered calls) and finished on every ending,
+exactly as the gRPC proxy does; only the transport differs. Calls go over the
+gateway's backend channels as typed gRPC, with the vouched tenant metadata
+and the caller's deadline (``X-Request-Timeout``, in seconds) when it sent
+one. A caller who disconnects cancels the handler (aiohttp's handler
+cancellation), which cancels the upstream call and frees the slot at once.
+
+Errors keep one table: domain errors map to a gRPC code through the core's
+:class:`~dreamsight_server.errors.ErrorTable`, upstream calls bring their
+code, and the code maps to an HTTP status here (the grpc-gateway mapping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
+
+import grpc
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from dreamsight.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
+from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from dreamsight_server.errors import (
+    DeadlineExceeded,
+    DreamsightError,
+    ErrorTable,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from dreamsight_server.metadata import GPU_SECONDS_TRAILER, REQUEST_ID_HEADER
+from gateway.core import Admission, GatewayCore
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+R = TypeVar("R")
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
+
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
+TIMEOUT_HEADER = "X-Request-Timeout"
+"""Seconds the caller will wait; it becomes the upstream gRPC deadline."""
+
+# The grpc-gateway mapping of status codes to HTTP statuses.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+
+@dataclass
+class HttpError:
+    """An error as an HTTP front end tells it: status, safe message, the field."""
+
+    code: grpc.StatusCode
+    message: str
+    param: str | None = None
+    retry_after_s: float | None = None
+    http_status: int | None = None
+    """Set for aiohttp's own errors (404, 405, 413); otherwise the code decides."""
+
+    @property
+    def status(self) -> int:
+        """The HTTP status."""
+        return self.http_status or HTTP_STATUS.get(self.code, 500)
+
+    def headers(self) -> dict[str, str]:
+        """Retry-After (whole seconds, at least 1) when the caller should come back."""
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+def http_error(error: BaseException, table: ErrorTable, request: web.Request) -> HttpError:
+    """The HTTP form of any error; unexpected ones are logged, never shown."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return _from_status(error)
+    if isinstance(error, web.HTTPException):  # aiohttp's own: unknown path, wrong method
+        code = next((c for c, s in HTTP_STATUS.items() if s == error.status), None)
+        return HttpError(code or grpc.StatusCode.UNKNOWN, error.reason, http_status=error.status)
+    code = table.code_for(error)
+    if isinstance(error, DreamsightError) and code is not grpc.StatusCode.INTERNAL:
+        return HttpError(
+            code,
+            error.message,
+            error.field if isinstance(error, InvalidArgument) else None,
+            error.retry_after_s if isinstance(error, ResourceExhausted) else None,
+        )
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    log.error(
+        "internal error in %s %s (request id %s)",
+        request.method,
+        request.path,
+        request_id,
+        exc_info=error,
+    )
+    return HttpError(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+
+
+def _from_status(error: grpc.aio.AioRpcError) -> HttpError:
+    """An upstream status, with the field (BadRequest) and delay (RetryInfo) it carried."""
+    result = HttpError(error.code(), error.details() or error.code().name.lower())
+    trailers: Any = error.trailing_metadata() or ()
+    for key, value in trailers:
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            bad, retry = error_details_pb2.BadRequest(), error_details_pb2.RetryInfo()
+            if detail.Unpack(bad) and bad.field_violations:
+                result.param = bad.field_violations[0].field
+            elif detail.Unpack(retry):
+                result.retry_after_s = retry.retry_delay.ToTimedelta().total_seconds()
+    return result
+
+
+def error_middleware(
+    render: Callable[[HttpError], web.StreamResponse], table: ErrorTable
+) -> Middleware:
+    """Middleware that answers any error in one API's own error shape."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as error:
+            return render(http_error(error, table, request))
+
+    return middleware
+
+
+def _gpu_seconds(trailers: Any) -> float | None:
+    for key, value in trailers or ():
+        if key == GPU_SECONDS_TRAILER:
+            with contextlib.suppress(ValueError):
+                return float(value)
+    return None
+
+
+class Streamed(Generic[M]):
+    """One admitted upstream stream; it records how it ended for the core."""
+
+    def __init__(
+        self,
+        core: GatewayCore,
+        admission: Admission,
+        call: grpc.aio.UnaryStreamCall[Any, M],
+        reported: Callable[[M], float | None],
+    ) -> None:
+        self._core = core
+        self._admission = admission
+        self._call = call
+        self._reported = reported
+        self.code: grpc.StatusCode | None = None
+        self.trailer_gpu_seconds: float | None = None
+        self.message_gpu_seconds: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The id the ledger and the logs know this call by."""
+        return self._admission.request_id
+
+    async def next(self) -> M | None:
+        """The next upstream message, or None at the end; raises AioRpcError."""
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as error:
+            self.code = error.code()
+            self.trailer_gpu_seconds = _gpu_seconds(error.trailing_metadata())
+            raise
+        if message is _EOF:
+            self.code = grpc.StatusCode.OK
+            self.trailer_gpu_seconds = _gpu_seconds(await self._call.trailing_metadata())
+            return None
+        item = cast(M, message)
+        self._core.first_chunk(self._admission)
+        reported = self._reported(item)
+        if reported is not None:
+            self.message_gpu_seconds = reported
+        return item
+
+    async def rest(self, first: M | None) -> list[M]:
+        """first and every message after it."""
+        messages = []
+        message = first
+        while message is not None:
+            messages.append(message)
+            message = await self.next()
+        return messages
+
+    def cancel(self) -> None:
+        """Cancel upstream (a no-op once the call has ended)."""
+        self._call.cancel()
+
+    @property
+    def gpu_seconds(self) -> float | None:
+        """What to bill: the trailer, else what the final message reported."""
+        if self.trailer_gpu_seconds is not None:
+            return self.trailer_gpu_seconds
+        return self.message_gpu_seconds
+
+
+def reply_text(messages: list[vision_pb2.ChatResponse]) -> str:
+    """The reply as the stream delivered it: its deltas, joined."""
+    return "".join(m.delta for m in messages if m.HasField("delta"))
+
+
+def _chat_gpu(message: vision_pb2.ChatResponse) -> float | None:
+    return message.final.usage.gpu_seconds if message.HasField("final") else None
+
+
+def _generate_gpu(message: diffusion_pb2.GenerateResponse) -> float | None:
+    return message.result.usage.gpu_seconds if message.HasField("result") else None
+
+
+class Upstream:
+    """Typed calls to the backends, each admitted and finished by the core."""
+
+    def __init__(
+        self, core: GatewayCore, vision: grpc.aio.Channel, diffusion: grpc.aio.Channel
+    ) -> None:
+        self.core = core
+        self._vision = vision_pb2_grpc.VisionServiceStub(vision)
+        self._diffusion = diffusion_pb2_grpc.DiffusionServiceStub(diffusion)
+
+    async def authenticate(self, request: web.Request) -> None:
+        """Unauthenticated unless the key is good: checked before a body is read."""
+        await self.core.authenticate(request.headers.get("Authorization"))
+
+    async def _admit(
+        self,
+        request: web.Request,
+        protocol: str,
+        service: str,
+        method: str,
+        metered: bool,
+        expires: float | None,
+    ) -> Admission:
+        admit = self.core.admit(
+            request.headers.get("Authorization"),
+            service,
+            method,
+            request.headers.get(REQUEST_ID_HEADER),
+            metered=metered,
+            protocol=protocol,
+        )
+        try:
+            return await asyncio.wait_for(admit, _remaining(expires))
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline passed while waiting for a slot") from None
+
+    @contextlib.asynccontextmanager
+    async def _stream(
+        self,
+        request: web.Request,
+        protocol: str,
+        service: str,
+        method: str,
+        start: Callable[[Metadata, float | None], grpc.aio.UnaryStreamCall[Any, M]],
+        reported: Callable[[M], float | None],
+    ) -> AsyncIterator[Streamed[M]]:
+        expires = deadline(request)
+        admission = await self._admit(request, protocol, service, method, True, expires)
+        streamed: Streamed[M] | None = None
+        try:
+            call = start(self.core.backend_metadata(admission), _remaining(expires))
+            streamed = Streamed(self.core, admission, call, reported)
+            yield streamed
+        finally:
+            # Left early (the caller went away, or a write failed): stop upstream now.
+            code = streamed.code if streamed and streamed.code else grpc.StatusCode.CANCELLED
+            gpu = streamed.gpu_seconds if streamed else None
+            if streamed is not None:
+                streamed.cancel()
+            await asyncio.shield(self.core.finish(admission, code, gpu))
+
+    def chat(
+        self, request: web.Request, protocol: str, chat: vision_pb2.ChatRequest
+    ) -> contextlib.AbstractAsyncContextManager[Streamed[vision_pb2.ChatResponse]]:
+        """A metered VisionService.Chat stream."""
+        return self._stream(
+            request,
+            protocol,
+            "VisionService",
+            "Chat",
+            lambda metadata, timeout: self._vision.Chat(chat, metadata=metadata, timeout=timeout),
+            _chat_gpu,
+        )
+
+    def generate(
+        self, request: web.Request, protocol: str, generate: diffusion_pb2.GenerateRequest
+    ) -> contextlib.AbstractAsyncContextManager[Streamed[diffusion_pb2.GenerateResponse]]:
+        """A metered DiffusionService.Generate stream."""
+        return self._stream(
+            request,
+            protocol,
+            "DiffusionService",
+            "Generate",
+            lambda metadata, timeout: self._diffusion.Generate(
+                generate, metadata=metadata, timeout=timeout
+            ),
+            _generate_gpu,
+        )
+
+    async def _unary(
+        self,
+        request: web.Request,
+        protocol: str,
+        service: str,
+        method: str,
+        call: Callable[[Metadata, float | None], Awaitable[R]],
+    ) -> R:
+        expires = deadline(request)
+        admission = await self._admit(request, protocol, service, method, False, expires)
+        code = grpc.StatusCode.CANCELLED
+        try:
+            result = await call(self.core.backend_metadata(admission), _remaining(expires))
+            code = grpc.StatusCode.OK
+            return result
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            raise
+        finally:
+            await asyncio.shield(self.core.finish(admission, code, None))
+
+    async def vision_models(
+        self, request: web.Request, protocol: str
+    ) -> list[vision_pb2.VisionModel]:
+        """VisionService.ListModels."""
+        response = await self._unary(
+            request,
+            protocol,
+            "VisionService",
+            "ListModels",
+            lambda metadata, timeout: self._vision.ListModels(
+                vision_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout
+            ),
+        )
+        return list(response.models)
+
+    async def vision_model(
+        self, request: web.Request, protocol: str, name: str
+    ) -> vision_pb2.VisionModel:
+        """VisionService.GetModel."""
+        response = await self._unary(
+            request,
+            protocol,
+            "VisionService",
+            "GetModel",
+            lambda metadata, timeout: self._vision.GetModel(
+                vision_pb2.GetModelRequest(name=name), metadata=metadata, timeout=timeout
+            ),
+        )
+        return response.model
+
+    async def diffusion_models(
+        self, request: web.Request, protocol: str
+    ) -> list[diffusion_pb2.DiffusionModel]:
+        """DiffusionService.ListModels: base models and the caller's own."""
+        response = await self._unary(
+            request,
+            protocol,
+            "DiffusionService",
+            "ListModels",
+            lambda metadata, timeout: self._diffusion.ListModels(
+                diffusion_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout
+            ),
+        )
+        return list(response.models)
+
+
+def deadline(request: web.Request) -> float | None:
+    """When the caller stops waiting (event-loop time), from X-Request-Timeout seconds."""
+    text = request.headers.get(TIMEOUT_HEADER)
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidArgument(TIMEOUT_HEADER, "must be a positive number of seconds")
+    return asyncio.get_running_loop().time() + seconds
+
+
+def _remaining(expires: float | None) -> float | None:
+    if expires is None:
+        return None
+    return max(0.0, expires - asyncio.get_running_loop().time())
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object."""
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidArgument("body", f"not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", "must be a JSON object")
+    return body
+
+
+_KINDS = {str: "a string", bool: "a boolean", float: "a number", int: "an integer"}
+
+
+def get(body: Mapping[str, Any], key: str, kind: type[T], param: str) -> T | None:
+    """body[key] checked to be of kind (ints count as floats); None when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if kind is float and type(value) is int:
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise InvalidArgument(param, f"must be {_KINDS.get(kind, kind.__name__)}")
+    return value
+
+
+def get_int(body: Mapping[str, Any], key: str, param: str, low: int, high: int) -> int | None:
+    """An integer within [low, high], or None when absent."""
+    value = get(body, key, int, param)
+    if value is not None and not low <= value <= high:
+        raise InvalidArgument(param, f"{value} is outside {low} to {high}")
+    return value
+
+
+def stop_strings(value: Any, param: str) -> list[str]:
+    """A stop string or a list of them."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidArgument(param, "must be a string or a list of strings")
+
+
+def decode_base64(text: Any, param: str) -> bytes:
+    """Bytes from base64 text (standard alphabet, padding optional)."""
+    if not isinstance(text, str):
+        raise InvalidArgument(param, "must be a base64 string")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(param, "is not valid base64") from None
+
+
+def json_schema_format(schema: Any, param: str) -> vision_pb2.ResponseFormat:
+    """A JSON-schema response format from a schema object."""
+    if not isinstance(schema, dict):
+        raise InvalidArgument(param, "must be a JSON schema object")
+    return vision_pb2.ResponseFormat(
+        type=vision_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(schema)
+    )
+
+
+def refuse(body: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    """InvalidArgument for the first of keys given a non-empty value (unsupported here)."""
+    for key in keys:
+        if body.get(key):
+            raise InvalidArgument(key, "is not supported by dreamsight")
+
+
+MAX_SEED = 2**63 - 1
+MAX_UINT32 = 2**32 - 1
+MAX_INT32 = 2**31 - 1

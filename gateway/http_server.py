@@ -1,0 +1,74 @@
+"""The gateway's HTTP front end: Ollama's API under /api, OpenAI's under /v1.
+
+aiohttp serves it on the gateway's own event loop (uvloop or asyncio) beside
+the gRPC server, over the same core and backend channels. aiohttp because it
+needs nothing beyond the event loop already running: an ``AppRunner`` and a
+``TCPSite`` start and stop inside ``start_gateway``/``Gateway.stop`` with no
+second server process, no signal handling of its own, and, with handler
+cancellation on, a caller's disconnect cancels its handler at once, which
+cancels the upstream call and frees the slot.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from aiohttp import web
+
+from gateway import ollama_api, openai_api
+from gateway.core import GatewayCore
+from gateway.http_common import Upstream
+
+log = logging.getLogger(__name__)
+
+
+async def _root(request: web.Request) -> web.Response:
+    # Ollama tools probe "/" to see whether a server is up.
+    return web.Response(text="dreamsight gateway: Ollama and OpenAI APIs are running")
+
+
+def build_app(upstream: Upstream, max_body_bytes: int) -> web.Application:
+    """The application: the root probe, /api (Ollama) and /v1 (OpenAI)."""
+    app = web.Application(client_max_size=max_body_bytes)
+    app.router.add_get("/", _root)
+    app.add_subapp("/api", ollama_api.app(upstream))
+    app.add_subapp("/v1", openai_api.app(upstream))
+    return app
+
+
+class HttpServer:
+    """The running HTTP front end."""
+
+    def __init__(self, runner: web.AppRunner, site: web.TCPSite) -> None:
+        self._runner = runner
+        self._site = site
+        self.port = int(runner.addresses[0][1])
+        """The bound port."""
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new connections, give running requests grace_s, cancel the rest."""
+        await self._site.stop()
+        if self._runner.server is not None:
+            # aiohttp reads a timeout of 0 as "wait forever"; a tiny one cancels at once.
+            await self._runner.server.shutdown(max(grace_s, 0.001))
+        await self._runner.cleanup()
+
+
+async def start_http(
+    core: GatewayCore,
+    vision: grpc.aio.Channel,
+    diffusion: grpc.aio.Channel,
+    host: str,
+    port: int,
+    max_body_bytes: int,
+) -> HttpServer:
+    """Serve the HTTP APIs on host:port (0 picks a free port)."""
+    app = build_app(Upstream(core, vision, diffusion), max_body_bytes)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = HttpServer(runner, site)
+    log.info("HTTP (Ollama /api, OpenAI /v1) on %s:%d", host, server.port)
+    return server

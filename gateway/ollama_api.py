@@ -1,0 +1,331 @@
+"""Ollama's REST API over the gateway core: /api/chat, /api/generate, /api/tags,
+/api/ps, /api/show and /api/version, so ollama-python, Open WebUI and other
+Ollama tools work unchanged under dreamsight keys, tiers and metering.
+
+Chat and generate stream NDJSON by default (``"stream": false`` answers one
+object); the last object has ``done: true`` and Ollama's counters, durations
+in nanoseconds. Errors are ``{"error": "..."}`` with Ollama's statuses, and a
+failure after the stream began is one more line of that shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from aiohttp import web
+from dreamsight.common.v1 import common_pb2
+from dreamsight.vision.v1 import vision_pb2
+
+from dreamsight_server.errors import InvalidArgument
+from gateway.http_common import (
+    MAX_INT32,
+    MAX_SEED,
+    MAX_UINT32,
+    HttpError,
+    Streamed,
+    Upstream,
+    decode_base64,
+    error_middleware,
+    get,
+    get_int,
+    http_error,
+    json_schema_format,
+    read_json,
+    refuse,
+    reply_text,
+    stop_strings,
+)
+
+PROTOCOL = "ollama"
+VERSION = "0.12.0"
+"""The Ollama API version these endpoints follow (tools check it)."""
+_ROLES = {
+    "system": vision_pb2.ROLE_SYSTEM,
+    "user": vision_pb2.ROLE_USER,
+    "assistant": vision_pb2.ROLE_ASSISTANT,
+}
+_DONE_REASONS = {vision_pb2.FINISH_REASON_STOP: "stop", vision_pb2.FINISH_REASON_LENGTH: "length"}
+# Ollama option -> ChatOptions field. Runner options (num_ctx, num_gpu, num_thread,
+# mirostat, ...) do not apply to a served model and are ignored, as Ollama ignores
+# options a runner does not use.
+_FLOAT_OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repeat_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+_EPOCH = "1970-01-01T00:00:00Z"
+_NEVER = "2318-11-30T00:00:00Z"  # what Ollama reports for a model kept loaded forever
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _error_response(error: HttpError) -> web.Response:
+    return web.json_response({"error": error.message}, status=error.status, headers=error.headers())
+
+
+def _model_name(body: dict[str, Any]) -> str:
+    name = get(body, "model", str, "model") or get(body, "name", str, "name")
+    if not name:
+        raise InvalidArgument("model", "model is required")
+    return name.removesuffix(":latest")  # Ollama's default tag names the one model
+
+
+def _images(value: Any, param: str) -> list[common_pb2.Image]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidArgument(param, "must be a list of base64 strings")
+    return [common_pb2.Image(data=decode_base64(v, f"{param}[{i}]")) for i, v in enumerate(value)]
+
+
+def _message(index: int, value: Any) -> vision_pb2.Message:
+    where = f"messages[{index}]"
+    if not isinstance(value, dict):
+        raise InvalidArgument(where, "must be an object")
+    role = _ROLES.get(value.get("role", ""))
+    if role is None:
+        raise InvalidArgument(f"{where}.role", "must be system, user or assistant")
+    return vision_pb2.Message(
+        role=role,
+        content=get(value, "content", str, f"{where}.content") or "",
+        images=_images(value.get("images"), f"{where}.images"),
+    )
+
+
+def _options(body: dict[str, Any]) -> vision_pb2.ChatOptions:
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise InvalidArgument("options", "must be an object")
+    values: dict[str, Any] = {}
+    for name, target in _FLOAT_OPTIONS.items():
+        values[target] = get(options, name, float, f"options.{name}")
+    values["top_k"] = get_int(options, "top_k", "options.top_k", 0, MAX_INT32)
+    seed = get_int(options, "seed", "options.seed", -MAX_SEED, MAX_SEED)
+    values["seed"] = seed if seed is not None and seed >= 0 else None  # -1: a random seed
+    predict = get_int(options, "num_predict", "options.num_predict", -2, MAX_UINT32)
+    if predict is not None and predict > 0:  # -1 (until done) and -2 (fill the context): unset
+        values["max_tokens"] = predict
+    chat = vision_pb2.ChatOptions(
+        stop=stop_strings(options.get("stop"), "options.stop"),
+        **{k: v for k, v in values.items() if v is not None},
+    )
+    fmt = body.get("format")
+    if fmt == "json":
+        chat.response_format.type = vision_pb2.RESPONSE_FORMAT_TYPE_JSON
+    elif isinstance(fmt, dict):
+        chat.response_format.CopyFrom(json_schema_format(fmt, "format"))
+    elif fmt not in (None, ""):
+        raise InvalidArgument("format", 'must be "json" or a JSON schema object')
+    return chat
+
+
+def _done(final: vision_pb2.ChatFinal) -> dict[str, Any]:
+    total = final.usage.total_time.ToNanoseconds()
+    first = final.time_to_first_token.ToNanoseconds()
+    return {
+        "done": True,
+        "done_reason": _DONE_REASONS.get(final.finish_reason, "stop"),
+        "total_duration": total,
+        "load_duration": 0,  # models stay loaded
+        "prompt_eval_count": final.prompt_tokens,
+        "prompt_eval_duration": first,
+        "eval_count": final.completion_tokens,
+        "eval_duration": max(0, total - first),
+    }
+
+
+def _details(model: vision_pb2.VisionModel) -> dict[str, Any]:
+    return {
+        "parent_model": "",
+        "format": "dreamsight",
+        "family": "llava",
+        "families": ["llava", "clip"],
+        "parameter_size": "demo" if model.demo else "",
+        "quantization_level": "",
+    }
+
+
+def _listed(model: vision_pb2.VisionModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "model": model.name,
+        "modified_at": _EPOCH,
+        "size": 0,
+        "digest": hashlib.sha256(model.name.encode()).hexdigest(),
+        "details": _details(model),
+    }
+
+
+def _piece(kind: str, model: str, content: str) -> dict[str, Any]:
+    """What every chat (kind "chat") or generate object starts with."""
+    if kind == "chat":
+        text: dict[str, Any] = {"message": {"role": "assistant", "content": content}}
+    else:
+        text = {"response": content}
+    return {"model": model, "created_at": _now(), **text}
+
+
+def _line(value: dict[str, Any]) -> bytes:
+    return json.dumps(value).encode() + b"\n"
+
+
+class OllamaApi:
+    """The handlers: convert the body, call upstream through the core, convert back."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._up = upstream
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/chat."""
+        await self._up.authenticate(request)
+        body = await read_json(request)
+        refuse(body, ("tools", "think"))
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise InvalidArgument("messages", "must be a list of messages")
+        chat = vision_pb2.ChatRequest(
+            model=_model_name(body),
+            messages=[_message(i, m) for i, m in enumerate(messages)],
+            options=_options(body),
+        )
+        return await self._reply(request, body, chat, "chat")
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/generate: one prompt (and images), with an optional system prompt."""
+        await self._up.authenticate(request)
+        body = await read_json(request)
+        refuse(body, ("suffix", "template", "context", "raw", "think"))
+        model = _model_name(body)
+        prompt = get(body, "prompt", str, "prompt") or ""
+        images = _images(body.get("images"), "images")
+        if not prompt and not images:  # Ollama's "load the model" call: ours are loaded
+            return web.json_response(
+                {
+                    "model": model,
+                    "created_at": _now(),
+                    "response": "",
+                    "done": True,
+                    "done_reason": "load",
+                }
+            )
+        messages = []
+        if system := get(body, "system", str, "system"):
+            messages.append(vision_pb2.Message(role=vision_pb2.ROLE_SYSTEM, content=system))
+        messages.append(
+            vision_pb2.Message(role=vision_pb2.ROLE_USER, content=prompt, images=images)
+        )
+        chat = vision_pb2.ChatRequest(model=model, messages=messages, options=_options(body))
+        return await self._reply(request, body, chat, "generate")
+
+    async def _reply(
+        self, request: web.Request, body: dict[str, Any], chat: vision_pb2.ChatRequest, kind: str
+    ) -> web.StreamResponse:
+        """NDJSON lines, or one object with ``"stream": false``."""
+        stream = get(body, "stream", bool, "stream")
+        name = body.get("model") or chat.model  # echoed as the caller wrote it
+
+        def piece(content: str) -> dict[str, Any]:
+            return _piece(kind, name, content)
+
+        async with self._up.chat(request, PROTOCOL, chat) as call:
+            first = await call.next()  # upstream errors before it get a real HTTP status
+            if stream is False:
+                messages = await call.rest(first)
+                reply = {**piece(reply_text(messages)), **_done(messages[-1].final)}
+                return web.json_response(reply, headers={"X-Request-Id": call.request_id})
+            return await self._lines(request, call, first, piece)
+
+    async def _lines(
+        self,
+        request: web.Request,
+        call: Streamed[vision_pb2.ChatResponse],
+        message: vision_pb2.ChatResponse | None,
+        piece: Callable[[str], dict[str, Any]],
+    ) -> web.StreamResponse:
+        """One JSON object a line, the last with done: true."""
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/x-ndjson", "X-Request-Id": call.request_id}
+        )
+        await response.prepare(request)
+        try:
+            while message is not None:
+                if message.HasField("final"):
+                    line = {**piece(""), **_done(message.final)}
+                else:
+                    line = {**piece(message.delta), "done": False}
+                await response.write(_line(line))
+                message = await call.next()
+        except grpc.aio.AioRpcError as error:  # the status line went out: an error line
+            error_line = {"error": http_error(error, self._up.core.errors, request).message}
+            await response.write(_line(error_line))
+        await response.write_eof()
+        return response
+
+    async def tags(self, request: web.Request) -> web.Response:
+        """GET /api/tags: the chat models."""
+        models = await self._up.vision_models(request, PROTOCOL)
+        return web.json_response({"models": [_listed(m) for m in models]})
+
+    async def ps(self, request: web.Request) -> web.Response:
+        """GET /api/ps: served models are always loaded."""
+        models = await self._up.vision_models(request, PROTOCOL)
+        loaded = [
+            {**_listed(m), "expires_at": _NEVER, "size_vram": 0, "context_length": m.context_length}
+            for m in models
+        ]
+        return web.json_response({"models": loaded})
+
+    async def show(self, request: web.Request) -> web.Response:
+        """POST /api/show: one model's details."""
+        await self._up.authenticate(request)
+        body = await read_json(request)
+        model = await self._up.vision_model(request, PROTOCOL, _model_name(body))
+        info = {
+            "general.architecture": "llava",
+            "llava.context_length": model.context_length,
+            "dreamsight.max_images_per_request": model.max_images_per_request,
+            "dreamsight.demo": model.demo,
+            "dreamsight.source": model.source,
+        }
+        return web.json_response(
+            {
+                "modelfile": "",
+                "parameters": "",
+                "template": "",
+                "details": _details(model),
+                "model_info": info,
+                "capabilities": ["completion", "vision"],
+                "modified_at": _EPOCH,
+            }
+        )
+
+    async def version(self, request: web.Request) -> web.Response:
+        """GET /api/version (no key needed, like Ollama's)."""
+        return web.json_response({"version": VERSION})
+
+
+def app(upstream: Upstream) -> web.Application:
+    """The /api sub-application."""
+    api = OllamaApi(upstream)
+    sub = web.Application(middlewares=[error_middleware(_error_response, upstream.core.errors)])
+    sub.add_routes(
+        [
+            web.post("/chat", api.chat),
+            web.post("/generate", api.generate),
+            web.get("/tags", api.tags),
+            web.get("/ps", api.ps),
+            web.post("/show", api.show),
+            web.get("/version", api.version),
+        ]
+    )
+    return sub

@@ -1,0 +1,349 @@
+"""OpenAI's REST API over the gateway core: /v1/chat/completions, /v1/models
+and /v1/images/generations, so the OpenAI SDKs and the many tools built on
+them work unchanged under dreamsight keys, tiers and metering.
+
+Chat streams server-sent events when asked (``stream: true``), with usage in
+a last chunk when ``stream_options.include_usage`` is set; images travel as
+base64 data URLs. Image generation is the diffusion service's Generate,
+answered as ``b64_json``. Errors are OpenAI's error object with the matching
+HTTP status (429 carries Retry-After); a failure after the stream began is an
+``error`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from typing import Any
+
+import grpc
+from aiohttp import web
+from dreamsight.common.v1 import common_pb2
+from dreamsight.diffusion.v1 import diffusion_pb2
+from dreamsight.vision.v1 import vision_pb2
+
+from dreamsight_server.errors import InvalidArgument
+from gateway.http_common import (
+    MAX_INT32,
+    MAX_SEED,
+    MAX_UINT32,
+    HttpError,
+    Streamed,
+    Upstream,
+    decode_base64,
+    error_middleware,
+    get,
+    get_int,
+    http_error,
+    json_schema_format,
+    read_json,
+    refuse,
+    reply_text,
+    stop_strings,
+)
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "openai"
+_ROLES = {
+    "system": vision_pb2.ROLE_SYSTEM,
+    "developer": vision_pb2.ROLE_SYSTEM,
+    "user": vision_pb2.ROLE_USER,
+    "assistant": vision_pb2.ROLE_ASSISTANT,
+}
+_FINISH = {vision_pb2.FINISH_REASON_STOP: "stop", vision_pb2.FINISH_REASON_LENGTH: "length"}
+# OpenAI's sampling parameters, then vLLM's extensions that ChatOptions also has.
+_FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p")
+_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def _error_body(error: HttpError) -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(error.status)
+    if kind is None:
+        kind = "server_error" if error.status >= 500 else "invalid_request_error"
+    return {
+        "error": {
+            "message": error.message,
+            "type": kind,
+            "param": error.param,
+            "code": error.code.name.lower(),
+        }
+    }
+
+
+def _error_response(error: HttpError) -> web.Response:
+    return web.json_response(_error_body(error), status=error.status, headers=error.headers())
+
+
+def _data_url(url: Any, param: str) -> common_pb2.Image:
+    """An image from a base64 data URL (the gateway fetches no remote URLs)."""
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise InvalidArgument(
+            param, "only base64 data URLs (data:image/...;base64,...) are supported"
+        )
+    header, data = url.split(",", 1)
+    return common_pb2.Image(
+        data=decode_base64(data, param), mime_type=header[5:].removesuffix(";base64")
+    )
+
+
+def _content(value: Any, where: str) -> tuple[str, list[common_pb2.Image]]:
+    """Text and images of a message's content: a string or a list of parts."""
+    if value is None or isinstance(value, str):
+        return value or "", []
+    if not isinstance(value, list):
+        raise InvalidArgument(where, "must be a string or a list of content parts")
+    texts, images = [], []
+    for j, part in enumerate(value):
+        param = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            texts.append(get(part, "text", str, f"{param}.text") or "")
+        elif kind == "image_url":
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            images.append(_data_url(url, f"{param}.image_url.url"))
+        else:
+            raise InvalidArgument(f"{param}.type", "only text and image_url parts are supported")
+    return "\n".join(texts), images
+
+
+def _message(index: int, value: Any) -> vision_pb2.Message:
+    where = f"messages[{index}]"
+    if not isinstance(value, dict):
+        raise InvalidArgument(where, "must be an object")
+    role = _ROLES.get(value.get("role", ""))
+    if role is None:
+        raise InvalidArgument(f"{where}.role", "must be system, developer, user or assistant")
+    text, images = _content(value.get("content"), f"{where}.content")
+    return vision_pb2.Message(role=role, content=text, images=images)
+
+
+def _response_format(value: Any) -> vision_pb2.ResponseFormat:
+    if value is None:
+        return vision_pb2.ResponseFormat()
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return vision_pb2.ResponseFormat(type=vision_pb2.RESPONSE_FORMAT_TYPE_TEXT)
+    if kind == "json_object":
+        return vision_pb2.ResponseFormat(type=vision_pb2.RESPONSE_FORMAT_TYPE_JSON)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return json_schema_format(schema, "response_format.json_schema.schema")
+    raise InvalidArgument("response_format", "type must be text, json_object or json_schema")
+
+
+def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
+    refuse(body, ("tools", "functions", "logprobs", "logit_bias", "audio"))
+    model = get(body, "model", str, "model")
+    if not model:
+        raise InvalidArgument("model", "you must provide a model parameter")
+    if body.get("n") not in (None, 1):
+        raise InvalidArgument("n", "only n=1 is supported")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument("messages", "must be a non-empty list of messages")
+    values: dict[str, Any] = {name: get(body, name, float, name) for name in _FLOATS}
+    values["repetition_penalty"] = get(body, "repetition_penalty", float, "repetition_penalty")
+    values["top_k"] = get_int(body, "top_k", "top_k", 0, MAX_INT32)
+    values["seed"] = get_int(body, "seed", "seed", -MAX_SEED, MAX_SEED)
+    values["max_tokens"] = get_int(
+        body, "max_completion_tokens", "max_completion_tokens", 1, MAX_UINT32
+    ) or get_int(body, "max_tokens", "max_tokens", 1, MAX_UINT32)
+    options = vision_pb2.ChatOptions(
+        stop=stop_strings(body.get("stop"), "stop"),
+        response_format=_response_format(body.get("response_format")),
+        **{k: v for k, v in values.items() if v is not None},
+    )
+    return vision_pb2.ChatRequest(
+        model=model, messages=[_message(i, m) for i, m in enumerate(messages)], options=options
+    )
+
+
+def _usage(final: vision_pb2.ChatFinal) -> dict[str, int]:
+    return {
+        "prompt_tokens": final.prompt_tokens,
+        "completion_tokens": final.completion_tokens,
+        "total_tokens": final.prompt_tokens + final.completion_tokens,
+    }
+
+
+def _completion(head: dict[str, Any], messages: list[vision_pb2.ChatResponse]) -> dict[str, Any]:
+    final = messages[-1].final
+    message = {"role": "assistant", "content": reply_text(messages), "refusal": None}
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": None,
+        "finish_reason": _FINISH.get(final.finish_reason, "stop"),
+    }
+    return {
+        **head,
+        "object": "chat.completion",
+        "choices": [choice],
+        "usage": _usage(final),
+        "system_fingerprint": None,
+    }
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data)
+    return f"data: {text}\n\n".encode()
+
+
+class OpenAIApi:
+    """The handlers: convert the body, call upstream through the core, convert back."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._up = upstream
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        await self._up.authenticate(request)
+        body = await read_json(request)
+        chat = _chat_request(body)
+        stream = get(body, "stream", bool, "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise InvalidArgument("stream_options", "must be an object")
+        usage = get(options, "include_usage", bool, "stream_options.include_usage")
+        async with self._up.chat(request, PROTOCOL, chat) as call:
+            first = await call.next()  # upstream errors before it get a real HTTP status
+            head = {
+                "id": f"chatcmpl-{call.request_id}",
+                "created": int(time.time()),
+                "model": chat.model,
+            }
+            if not stream:
+                completion = _completion(head, await call.rest(first))
+                return web.json_response(completion, headers={"X-Request-Id": call.request_id})
+            return await self._events(request, call, first, head, bool(usage))
+
+    async def _events(
+        self,
+        request: web.Request,
+        call: Streamed[vision_pb2.ChatResponse],
+        message: vision_pb2.ChatResponse | None,
+        head: dict[str, Any],
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        """The reply as server-sent chunks, then [DONE]."""
+
+        def chunk(delta: dict[str, str], finish: str | None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            event = {**head, "object": "chat.completion.chunk", "choices": [choice]}
+            return _sse({**event, "usage": None} if include_usage else event)
+
+        response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": call.request_id})
+        await response.prepare(request)
+        try:
+            await response.write(chunk({"role": "assistant", "content": ""}, None))
+            while message is not None:
+                if not message.HasField("final"):
+                    await response.write(chunk({"content": message.delta}, None))
+                else:
+                    final = message.final
+                    await response.write(chunk({}, _FINISH.get(final.finish_reason, "stop")))
+                    if include_usage:
+                        usage = {"object": "chat.completion.chunk", "choices": []}
+                        await response.write(_sse({**head, **usage, "usage": _usage(final)}))
+                message = await call.next()
+            await response.write(_sse("[DONE]"))
+        except grpc.aio.AioRpcError as error:  # the status line went out: an error event
+            body = _error_body(http_error(error, self._up.core.errors, request))
+            await response.write(_sse(body))
+        await response.write_eof()
+        return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models: chat models, then image models (the caller's own included)."""
+        listed = await asyncio.gather(
+            self._up.vision_models(request, PROTOCOL),
+            self._up.diffusion_models(request, PROTOCOL),
+            return_exceptions=True,
+        )
+        errors = [r for r in listed if isinstance(r, BaseException)]
+        if len(errors) == len(listed):  # nothing answered: say why the first did not
+            raise errors[0]
+        for error in errors:  # one backend down still lists the other's models
+            log.warning("a backend did not list its models: %r", error)
+        data = [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "dreamsight"}
+            for models in listed
+            if not isinstance(models, BaseException)
+            for m in models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def images(self, request: web.Request) -> web.Response:
+        """POST /v1/images/generations: Stable Diffusion, answered as base64 PNGs."""
+        await self._up.authenticate(request)
+        body = await read_json(request)
+        generate = _generate_request(body)
+        async with self._up.generate(request, PROTOCOL, generate) as call:
+            messages = await call.rest(await call.next())
+            result = messages[-1].result
+        data = [
+            {
+                "b64_json": base64.b64encode(i.image.data).decode(),
+                "revised_prompt": None,
+                "seed": i.seed,
+            }
+            for i in result.images
+        ]
+        return web.json_response(
+            {"created": int(time.time()), "data": data, "output_format": "png"},
+            headers={"X-Request-Id": call.request_id},
+        )
+
+
+def _generate_request(body: dict[str, Any]) -> diffusion_pb2.GenerateRequest:
+    prompt = get(body, "prompt", str, "prompt")
+    if not prompt:
+        raise InvalidArgument("prompt", "a prompt is required")
+    if get(body, "response_format", str, "response_format") not in (None, "b64_json"):
+        raise InvalidArgument("response_format", "only b64_json is supported")
+    values: dict[str, Any] = {
+        "num_images": get_int(body, "n", "n", 1, MAX_UINT32),
+        # dreamsight's own knobs, for callers that pass extra_body
+        "negative_prompt": get(body, "negative_prompt", str, "negative_prompt"),
+        "steps": get_int(body, "steps", "steps", 1, MAX_UINT32),
+        "guidance_scale": get(body, "guidance_scale", float, "guidance_scale"),
+        "seed": get_int(body, "seed", "seed", 0, MAX_SEED),
+        "scheduler": get(body, "scheduler", str, "scheduler"),
+    }
+    size = get(body, "size", str, "size")
+    if size and size != "auto":
+        width, _, height = size.partition("x")
+        if not all(p.isascii() and p.isdigit() and len(p) <= 5 for p in (width, height)):
+            raise InvalidArgument("size", 'must be "WIDTHxHEIGHT" in pixels, or "auto"')
+        values["width"], values["height"] = int(width), int(height)
+    return diffusion_pb2.GenerateRequest(
+        model=get(body, "model", str, "model") or "",
+        prompt=prompt,
+        **{k: v for k, v in values.items() if v is not None},
+    )
+
+
+def app(upstream: Upstream) -> web.Application:
+    """The /v1 sub-application."""
+    api = OpenAIApi(upstream)
+    sub = web.Application(middlewares=[error_middleware(_error_response, upstream.core.errors)])
+    sub.add_routes(
+        [
+            web.post("/chat/completions", api.chat_completions),
+            web.get("/models", api.models),
+            web.post("/images/generations", api.images),
+        ]
+    )
+    return sub

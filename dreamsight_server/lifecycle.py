@@ -59,6 +59,22 @@ class TlsFiles:
         return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=bool(ca))
 
 
+def add_tls_arguments(parser: Any, env: Callable[[str, str], str]) -> None:
+    """--tls-cert/--tls-key/--tls-client-ca, defaulting to <PREFIX>_TLS_* variables."""
+    parser.add_argument("--tls-cert", default=env("TLS_CERT", ""), help="PEM certificate")
+    parser.add_argument("--tls-key", default=env("TLS_KEY", ""), help="PEM private key")
+    parser.add_argument(
+        "--tls-client-ca",
+        default=env("TLS_CLIENT_CA", ""),
+        help="PEM CA; when set, callers must present a certificate it signed (mTLS)",
+    )
+
+
+def tls_from_arguments(args: Any) -> TlsFiles | None:
+    """The TlsFiles parsed by :func:`add_tls_arguments`."""
+    return tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
 def tls_files(cert: str, key: str, client_ca: str = "") -> TlsFiles | None:
     """TlsFiles when a certificate is configured, else None (plaintext)."""
     if not cert and not key:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from dreamsight_server.lifecycle import ServerOptions
+from dreamsight_server.lifecycle import ServerOptions, add_tls_arguments, tls_from_arguments
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,13 @@ class GatewaySettings:
     default), on the gRPC host; 0 picks a free port, None turns HTTP off."""
     event_loop: str = "uvloop"
     """``uvloop`` (less CPU per proxied chunk) or ``asyncio``."""
+    backend_tls_ca: str = ""
+    """PEM CA that signed the backends' certificates; set to call backends over TLS."""
+    backend_tls_cert: str = ""
+    """PEM client certificate for mTLS to the backends (with backend_tls_key)."""
+    backend_tls_key: str = ""
+    backend_tls_server_name: str = ""
+    """Name to check in the backends' certificates, when it is not the target host."""
     server: ServerOptions = field(
         default_factory=lambda: ServerOptions(port=50051, max_receive_bytes=100 * 1024 * 1024)
     )
@@ -75,6 +82,11 @@ def parse_settings(
     p.add_argument(
         "--event-loop", choices=["uvloop", "asyncio"], default=_env(env, "EVENT_LOOP", "uvloop")
     )
+    add_tls_arguments(p, lambda name, default: _env(env, name, default))
+    p.add_argument("--backend-tls-ca", default=_env(env, "BACKEND_TLS_CA", ""))
+    p.add_argument("--backend-tls-cert", default=_env(env, "BACKEND_TLS_CERT", ""))
+    p.add_argument("--backend-tls-key", default=_env(env, "BACKEND_TLS_KEY", ""))
+    p.add_argument("--backend-tls-server-name", default=_env(env, "BACKEND_TLS_SERVER_NAME", ""))
     p.add_argument("--host", default=_env(env, "HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env(env, "PORT", "50051")))
     p.add_argument(
@@ -100,7 +112,12 @@ def parse_settings(
         lease_ttl_s=a.lease_ttl,
         http_port=None if a.http_port < 0 else a.http_port,
         event_loop=a.event_loop,
+        backend_tls_ca=a.backend_tls_ca,
+        backend_tls_cert=a.backend_tls_cert,
+        backend_tls_key=a.backend_tls_key,
+        backend_tls_server_name=a.backend_tls_server_name,
         server=ServerOptions(
+            tls=tls_from_arguments(a),
             host=a.host,
             port=a.port,
             metrics_port=a.metrics_port,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,27 +35,43 @@ _PASSED_TRAILERS = frozenset({"grpc-status-details-bin", "retry-after"})
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def backend_channel(target: str, max_message_bytes: int) -> grpc.aio.Channel:
+def backend_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials | None:
+    """TLS (and with cert and key, mTLS) credentials for backend channels."""
+    if not ca:
+        return None
+    chain = Path(cert).read_bytes() if cert else None
+    private = Path(key).read_bytes() if key else None
+    return grpc.ssl_channel_credentials(Path(ca).read_bytes(), private, chain)
+
+
+def backend_channel(
+    target: str,
+    max_message_bytes: int,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str = "",
+) -> grpc.aio.Channel:
     """A channel that balances per call over healthy backend addresses."""
     service_config = {
         "loadBalancingConfig": [{"round_robin": {}}],
         "healthCheckConfig": {"serviceName": ""},
     }
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.service_config", json.dumps(service_config)),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.enable_retries", 0),
-            # Find a restarted backend quickly (the default first backoff is 1 s).
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-        ],
-    )
+    options: list[tuple[str, Any]] = [
+        ("grpc.service_config", json.dumps(service_config)),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.enable_retries", 0),
+        # Find a restarted backend quickly (the default first backoff is 1 s).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 def _metadata(context: Context) -> dict[str, str]:

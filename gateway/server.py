@@ -20,7 +20,7 @@ from gateway.core import GatewayCore
 from gateway.http_server import HttpServer, start_http
 from gateway.keys import KeyService
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import backend_channel, proxies
+from gateway.proxy import backend_channel, backend_credentials, proxies
 from gateway.servicers import AdminServicer, UsageServicer
 from gateway.store import AsyncStore, SqlStore
 from gateway.tiers import load_tiers
@@ -95,8 +95,12 @@ async def start_gateway(
         backend_secret=settings.backend_secret,
     )
     max_bytes = settings.server.max_receive_bytes
-    vision = backend_channel(settings.vision_target, max_bytes)
-    diffusion = backend_channel(settings.diffusion_target, max_bytes)
+    credentials = backend_credentials(
+        settings.backend_tls_ca, settings.backend_tls_cert, settings.backend_tls_key
+    )
+    name = settings.backend_tls_server_name
+    vision = backend_channel(settings.vision_target, max_bytes, credentials, name)
+    diffusion = backend_channel(settings.diffusion_target, max_bytes, credentials, name)
     training = TrainingMeter(core, diffusion)
     names = [d.full_name for d in (VISION, DIFFUSION, USAGE, ADMIN)]
     server = GrpcServer(settings.server, names, registry)

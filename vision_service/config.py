@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreamsight_server.images import ImageLimits
-from dreamsight_server.lifecycle import ServerOptions
+from dreamsight_server.lifecycle import ServerOptions, add_tls_arguments, tls_from_arguments
 
 DEMO_MODEL_DIR = Path(".dreamsight/models/llava-demo")
 
@@ -92,6 +92,7 @@ def parse_settings(
     p.add_argument(
         "--max-image-pixels", type=int, default=int(_env(env, "MAX_IMAGE_PIXELS", str(4096**2)))
     )
+    add_tls_arguments(p, lambda name, default: _env(env, name, default))
     p.add_argument("--host", default=_env(env, "HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env(env, "PORT", "50052")))
     p.add_argument("--metrics-port", type=int, default=int(_env(env, "METRICS_PORT", "9102")))
@@ -115,6 +116,7 @@ def parse_settings(
         gateway_secret=_env(env, "GATEWAY_SECRET", ""),
         images=images,
         server=ServerOptions(
+            tls=tls_from_arguments(a),
             host=a.host,
             port=a.port,
             metrics_port=a.metrics_port,

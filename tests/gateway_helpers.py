@@ -28,7 +28,8 @@ ADMIN_TOKEN = "admin-token-for-tests"
 
 @dataclass
 class FakeVision(vision_pb2_grpc.VisionServiceServicer):
-    """Chat behaviour chosen by the message text: ``sleep:S``, ``chunks:N``, ``invalid``."""
+    """Chat behaviour chosen by the message text: ``sleep:S``, ``chunks:N``,
+    ``big:N`` (64 KiB chunks), ``invalid``."""
 
     gpu_seconds: float = 0.5
     running: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -36,6 +37,7 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
     tenants: list[str] = field(default_factory=list)
     deadlines: list[float | None] = field(default_factory=list)
     finished: int = 0
+    produced: int = 0
     cancelled: int = 0
 
     async def Chat(
@@ -52,9 +54,11 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
         self.peak[tenant] = max(self.peak[tenant], self.running[tenant])
         try:
             sleep = float(text.split(":")[1]) if text.startswith("sleep:") else 0.0
-            chunks = int(text.split(":")[1]) if text.startswith("chunks:") else 3
+            chunks = int(text.split(":")[1]) if text.startswith(("chunks:", "big:")) else 3
+            pad = "x" * 65536 if text.startswith("big:") else ""
             for i in range(chunks):
-                yield vision_pb2.ChatResponse(delta=f"t{i} ")
+                self.produced += 1
+                yield vision_pb2.ChatResponse(delta=f"t{i} {pad}")
                 if sleep:
                     await asyncio.sleep(sleep / chunks)
             context.set_trailing_metadata(gpu_seconds_trailer(self.gpu_seconds))

@@ -104,6 +104,10 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", options.max_receive_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.server.max_pending_requests", options.max_pending_requests),
+                # Close each connection after 5 minutes (streams get an hour to end),
+                # so clients re-resolve DNS and spread onto new replicas.
+                ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+                ("grpc.max_connection_age_grace_ms", 60 * 60 * 1000),
                 ("grpc.so_reuseport", 0),
             ],
         )

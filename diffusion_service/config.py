@@ -14,9 +14,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
 
 DEMO_MODEL_DIR = Path(".dreamsight/models/sd-demo")
+TRAINING_DIR = Path(".dreamsight/training")
+MAX_INSTANCE_IMAGES = 20
+# A CreateTrainingJob carries the subject's photos (often several MB each):
+# gRPC's default 4 MiB would refuse three phone pictures.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,52 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TrainingLimits:
+    """What one CreateTrainingJob request may ask for."""
+
+    max_instance_images: int = MAX_INSTANCE_IMAGES
+    max_train_steps: int = 5000
+    max_learning_rate: float = 1e-3
+    min_resolution: int = 64
+    max_resolution: int = 1024
+    max_class_images: int = 1000
+    max_prior_loss_weight: float = 100.0
+    images: ImageLimits = field(
+        default_factory=lambda: ImageLimits(max_bytes=10 * 1024 * 1024, max_pixels=4096 * 4096)
+    )
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """DreamBooth jobs: where they live, how many run, on what."""
+
+    store: Path = TRAINING_DIR / "jobs.sqlite3"
+    """The SQLite job store (created on the first job)."""
+    artifacts_dir: Path = TRAINING_DIR
+    """Job work directories, the class-image cache and the fine-tuned models."""
+    defaults_file: Path | None = None
+    """The DreamBooth defaults (YAML); None is the packaged dreambooth_defaults.yaml."""
+    concurrency: int = 1
+    """Jobs training at once, each in its own worker process; 0 accepts and
+    queues jobs but runs none (a replica that only serves generation)."""
+    max_crashes: int = 2
+    """Worker deaths (not shutdowns) a job survives by resuming; one more fails it."""
+    accelerator: str = "auto"
+    """Lightning's accelerator: auto, cpu, gpu."""
+    devices: int = 1
+    """Devices per job (Lightning's devices); GPU-seconds are devices times wall time."""
+    strategy: str = "auto"
+    """Lightning's strategy, e.g. ddp across several GPUs."""
+    torch_threads: int = 1
+    """Intra-op threads of each worker process."""
+    stop_grace_s: float = 30.0
+    """On shutdown: time for workers to checkpoint and exit before they are killed."""
+    cancel_grace_s: float = 10.0
+    """On cancel: time for a worker to stop after its step before it is killed."""
+    limits: TrainingLimits = field(default_factory=TrainingLimits)
+
+
+@dataclass(frozen=True)
 class DiffusionSettings:
     """Everything the diffusion service needs to start."""
 
@@ -74,10 +126,13 @@ class DiffusionSettings:
     devices_per_worker: float = 1.0
     """Accelerators each request shares for GPU-second metering (g in g*dt/n)."""
     limits: Limits = field(default_factory=Limits)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
     gateway_secret: str = ""
     """Shared secret the gateway sends; empty trusts the tenant header as is."""
     server: ServerOptions = field(
-        default_factory=lambda: ServerOptions(port=50053, metrics_port=9103)
+        default_factory=lambda: ServerOptions(
+            port=50053, metrics_port=9103, max_receive_bytes=MAX_REQUEST_BYTES
+        )
     )
 
     @property
@@ -153,6 +208,45 @@ def parse_settings(
         default=_env(env, "GATEWAY_SECRET_FILE", "") or None,
         help="file holding the gateway secret (or set DREAMSIGHT_DIFFUSION_GATEWAY_SECRET)",
     )
+    t = d.training
+    p.add_argument(
+        "--training-store", type=Path, default=Path(_env(env, "TRAINING_STORE", str(t.store)))
+    )
+    p.add_argument(
+        "--artifacts-dir", type=Path, default=Path(_env(env, "ARTIFACTS_DIR", str(t.artifacts_dir)))
+    )
+    p.add_argument(
+        "--training-defaults",
+        type=Path,
+        default=_env(env, "TRAINING_DEFAULTS", "") or None,
+        help="DreamBooth defaults YAML (default: the packaged dreambooth_defaults.yaml)",
+    )
+    p.add_argument(
+        "--training-concurrency", type=int, default=int(_env(env, "TRAINING_CONCURRENCY", "1"))
+    )
+    p.add_argument(
+        "--training-max-crashes", type=int, default=int(_env(env, "TRAINING_MAX_CRASHES", "2"))
+    )
+    p.add_argument("--training-accelerator", default=_env(env, "TRAINING_ACCELERATOR", "auto"))
+    p.add_argument(
+        "--training-devices", type=_positive, default=int(_env(env, "TRAINING_DEVICES", "1"))
+    )
+    p.add_argument("--training-strategy", default=_env(env, "TRAINING_STRATEGY", "auto"))
+    p.add_argument(
+        "--training-torch-threads",
+        type=_positive,
+        default=int(_env(env, "TRAINING_TORCH_THREADS", "1")),
+    )
+    p.add_argument(
+        "--training-max-steps",
+        type=_positive,
+        default=int(_env(env, "TRAINING_MAX_STEPS", str(t.limits.max_train_steps))),
+    )
+    p.add_argument(
+        "--training-max-images",
+        type=_positive,
+        default=int(_env(env, "TRAINING_MAX_IMAGES", str(t.limits.max_instance_images))),
+    )
     p.add_argument("--host", default=_env(env, "HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env(env, "PORT", "50053")))
     p.add_argument("--metrics-port", type=int, default=int(_env(env, "METRICS_PORT", "9103")))
@@ -181,6 +275,24 @@ def parse_settings(
     secret = _env(env, "GATEWAY_SECRET", "")
     if a.gateway_secret_file is not None:
         secret = a.gateway_secret_file.read_text().strip()
+    if a.training_max_images > MAX_INSTANCE_IMAGES:
+        p.error(f"--training-max-images is at most {MAX_INSTANCE_IMAGES}")
+    training = TrainingSettings(
+        store=a.training_store,
+        artifacts_dir=a.artifacts_dir,
+        defaults_file=a.training_defaults,
+        concurrency=max(0, a.training_concurrency),
+        max_crashes=max(0, a.training_max_crashes),
+        accelerator=a.training_accelerator,
+        devices=a.training_devices,
+        strategy=a.training_strategy,
+        torch_threads=a.training_torch_threads,
+        stop_grace_s=a.grace_seconds,
+        limits=TrainingLimits(
+            max_train_steps=a.training_max_steps,
+            max_instance_images=a.training_max_images,
+        ),
+    )
     return DiffusionSettings(
         models=models,
         build_demo_model=a.build_demo_model,
@@ -192,8 +304,13 @@ def parse_settings(
         dtype=a.dtype,
         devices_per_worker=a.devices_per_worker,
         limits=limits,
+        training=training,
         gateway_secret=secret,
         server=ServerOptions(
-            host=a.host, port=a.port, metrics_port=a.metrics_port, grace_s=a.grace_seconds
+            host=a.host,
+            port=a.port,
+            metrics_port=a.metrics_port,
+            grace_s=a.grace_seconds,
+            max_receive_bytes=MAX_REQUEST_BYTES,
         ),
     )

@@ -97,3 +97,181 @@ class ModelInfo:
     def fine_tuned(self) -> bool:
         """True for a tenant's fine-tuned model."""
         return self.origin is Origin.FINE_TUNED
+
+
+class JobState(Enum):
+    """The states of a training job; the values are stored in the job store."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job has ended."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class TrainingInput:
+    """A CreateTrainingJob request after the model-independent checks.
+
+    None means "the defaults file's value"; the training engine resolves
+    those once it knows the base model.
+    """
+
+    base_model: str
+    """Empty means the service's default base model."""
+    instance_images: tuple[bytes, ...]
+    """The encoded images as sent (each already decoded once, within limits)."""
+    instance_prompt: str
+    class_prompt: str = ""
+    num_class_images: int = 0
+    prior_loss_weight: float | None = None
+    max_train_steps: int | None = None
+    learning_rate: float | None = None
+    train_text_encoder: bool = False
+    resolution: int | None = None
+    seed: int = 0
+    checkpoint_interval: int | None = None
+    validation_prompt: str = ""
+    output_model_name: str = ""
+    """Empty lets the service choose."""
+    client_request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TrainingSettingsView:
+    """A job's settings as reported back (resolved, images omitted)."""
+
+    base_model: str
+    instance_prompt: str
+    class_prompt: str
+    num_class_images: int
+    prior_loss_weight: float
+    max_train_steps: int
+    learning_rate: float
+    train_text_encoder: bool
+    resolution: int
+    seed: int
+    checkpoint_interval: int
+    validation_prompt: str
+    output_model_name: str
+
+
+@dataclass(frozen=True)
+class TrainingJobInfo:
+    """A training job as the service reports it."""
+
+    job_id: str
+    owner: str
+    state: JobState
+    settings: TrainingSettingsView
+    step: int
+    create_time: float
+    """Seconds since the epoch."""
+    end_time: float | None
+    model: str
+    """The fine-tuned model, once the job succeeded."""
+    reason: str
+    gpu_seconds: float
+
+    @property
+    def total_s(self) -> float:
+        """Wall time from creation to the end (or to now)."""
+        import time
+
+        end = self.end_time if self.end_time is not None else time.time()
+        return max(0.0, end - self.create_time)
+
+
+@dataclass(frozen=True)
+class JobQueued:
+    """The job waits for a worker."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class ClassImagesProgress:
+    """Class-prior images ready so far (cached ones count at once)."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """An optimizer step finished."""
+
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    """A checkpoint of this step was written."""
+
+    step: int
+
+
+@dataclass(frozen=True)
+class ValidationImage:
+    """An image rendered from the validation prompt."""
+
+    step: int
+    png: bytes
+
+
+@dataclass(frozen=True)
+class JobSucceeded:
+    """The model is registered and ready."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The job stopped with an error."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    """The owner cancelled the job."""
+
+
+JobEventPayload = (
+    JobQueued
+    | ClassImagesProgress
+    | TrainingStep
+    | CheckpointSaved
+    | ValidationImage
+    | JobSucceeded
+    | JobFailed
+    | JobCancelled
+)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One event in a job's history."""
+
+    seq: int
+    """1, 2, ... within the job."""
+    time: float
+    """Seconds since the epoch."""
+    state: JobState
+    """The job's state after the event."""
+    payload: JobEventPayload
+
+    @property
+    def terminal(self) -> bool:
+        """True for the job's last event."""
+        return isinstance(self.payload, JobSucceeded | JobFailed | JobCancelled)

@@ -2,6 +2,9 @@
 
 No label carries a model name, tenant or request id: fine-tuned model names
 are unbounded, so models are counted, not named.
+
+The training metric names are a contract with the Kubernetes manifests and
+alert rules; rename them only together.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TRAINING_END_STATES = ("succeeded", "failed", "cancelled")
 
 
 class DiffusionMetrics:
@@ -61,5 +65,33 @@ class DiffusionMetrics:
         self.model_loads = Counter(
             "dreamsight_diffusion_model_loads_total",
             "Pipelines loaded (a reload after eviction counts again)",
+            registry=registry,
+        )
+        self.training_jobs = Counter(
+            "dreamsight_diffusion_training_jobs_total",
+            "Training jobs that ended, by final state (succeeded, failed or cancelled)",
+            ["state"],
+            registry=registry,
+        )
+        for state in TRAINING_END_STATES:
+            self.training_jobs.labels(state)
+        self.training_running = Gauge(
+            "dreamsight_diffusion_training_jobs_running",
+            "Training jobs whose worker process is running",
+            registry=registry,
+        )
+        self.training_queued = Gauge(
+            "dreamsight_diffusion_training_jobs_queued",
+            "Training jobs waiting for a worker",
+            registry=registry,
+        )
+        self.training_steps = Counter(
+            "dreamsight_diffusion_training_steps_total",
+            "Optimizer steps done by training jobs (steps redone after a resume count again)",
+            registry=registry,
+        )
+        self.training_gpu_seconds = Counter(
+            "dreamsight_diffusion_training_gpu_seconds_total",
+            "Accelerator time charged to training jobs (devices times worker wall time)",
             registry=registry,
         )

@@ -3,9 +3,10 @@
 Base models are shared by every tenant. A fine-tuned model belongs to the
 tenant whose job trained it: other tenants cannot see it in ListModels and
 get PERMISSION_DENIED when they name it. :meth:`ModelRegistry.register_fine_tuned`
-is the hook the DreamBooth trainer calls when a job succeeds; registrations
-live in memory only for now, so a restart forgets them (the trainer's job
-store will re-register its models at start-up).
+is the hook the DreamBooth trainer calls when a job succeeds. With a
+:class:`ModelPersistence` (the training job store), fine-tuned registrations
+are saved as they are made, deleted with their files, and read back by
+:meth:`ModelRegistry.restore` at start-up, so a restart forgets none.
 
 Registering reads the model's configs and tokenizer (small files, no
 weights): the default image size comes from the UNet's sample size times
@@ -16,19 +17,49 @@ request is queued. Weights are loaded later, on demand, by
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from diffusion_service.config import BaseModel
 from diffusion_service.domain import ModelInfo, Origin
 from dreamsight_server.demo_marker import read_marker
 from dreamsight_server.errors import FailedPrecondition, NotFound, PermissionDenied
 
+log = logging.getLogger(__name__)
+
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+
+
+@dataclass(frozen=True)
+class SavedRegistration:
+    """A fine-tuned model registration as persisted."""
+
+    name: str
+    path: str
+    owner_tenant: str
+    base_model: str
+    job_id: str
+
+
+class ModelPersistence(Protocol):
+    """Where fine-tuned registrations outlive the process."""
+
+    def saved(self) -> list[SavedRegistration]:
+        """Every persisted registration."""
+        ...
+
+    def save(self, registration: SavedRegistration) -> None:
+        """Persist one registration."""
+        ...
+
+    def forget(self, registration: SavedRegistration) -> None:
+        """Delete one registration, and its files where the store owns them."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -81,8 +112,13 @@ def describe(source: str) -> Description:
 class ModelRegistry:
     """Thread-safe name -> model map with tenancy checks."""
 
-    def __init__(self, describer: Callable[[str], Description] = describe) -> None:
+    def __init__(
+        self,
+        describer: Callable[[str], Description] = describe,
+        persistence: ModelPersistence | None = None,
+    ) -> None:
         self._describe = describer
+        self._persistence = persistence
         self._lock = threading.Lock()
         self._entries: dict[str, ModelEntry] = {}
         self._default = ""
@@ -112,13 +148,21 @@ class ModelRegistry:
         return info
 
     def register_fine_tuned(
-        self, name: str, path: str | Path, owner_tenant: str, base_model: str, job_id: str
+        self,
+        name: str,
+        path: str | Path,
+        owner_tenant: str,
+        base_model: str,
+        job_id: str,
+        persist: bool = True,
     ) -> ModelInfo:
         """Register a tenant's fine-tuned pipeline directory under ``name``.
 
         Names are unique across tenants. Raises NotFound for an unknown base
         model and FailedPrecondition for a taken name or an unreadable
-        directory. Reads small files: call it off the event loop.
+        directory. The registration is persisted (when the registry has a
+        persistence) before it is visible. Reads small files: call it off
+        the event loop.
         """
         _check_name(name)
         if not owner_tenant:
@@ -147,8 +191,43 @@ class ModelRegistry:
         with self._lock:
             if name in self._entries:
                 raise FailedPrecondition(f"model {name!r} already exists")
+            if persist and self._persistence is not None:
+                self._persistence.save(
+                    SavedRegistration(name, str(path), owner_tenant, base_model, job_id)
+                )
             self._entries[name] = ModelEntry(info, str(path), desc)
         return info
+
+    def restore(self) -> int:
+        """Register every persisted fine-tuned model; returns how many.
+
+        A registration that no longer loads (its directory is gone, its base
+        model is no longer configured) is logged and skipped, and stays
+        persisted, so it comes back once the cause is fixed.
+        """
+        if self._persistence is None:
+            return 0
+        restored = 0
+        for saved in self._persistence.saved():
+            try:
+                self.register_fine_tuned(
+                    saved.name,
+                    saved.path,
+                    saved.owner_tenant,
+                    saved.base_model,
+                    saved.job_id,
+                    persist=False,
+                )
+            except (NotFound, FailedPrecondition) as error:
+                log.warning("fine-tuned model %s not restored: %s", saved.name, error.message)
+                continue
+            restored += 1
+        return restored
+
+    def get(self, name: str) -> ModelEntry | None:
+        """The entry of that name, for any tenant (no tenancy check)."""
+        with self._lock:
+            return self._entries.get(name)
 
     def resolve(self, name: str, tenant: str) -> ModelEntry:
         """The model a tenant may generate with; empty name means the default."""
@@ -174,7 +253,9 @@ class ModelRegistry:
         return base + own
 
     def delete(self, name: str, tenant: str) -> ModelEntry:
-        """Forget one of the tenant's fine-tuned models (files are left alone)."""
+        """Forget one of the tenant's fine-tuned models, and delete its
+        persisted registration and the files the persistence owns (a
+        directory registered from elsewhere is left alone)."""
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
@@ -184,6 +265,11 @@ class ModelRegistry:
             if entry.info.owner != tenant:
                 raise PermissionDenied(f"model {name!r} belongs to another tenant")
             del self._entries[name]
+        if self._persistence is not None:
+            info = entry.info
+            self._persistence.forget(
+                SavedRegistration(name, entry.source, info.owner, info.base_model, info.job_id)
+            )
         return entry
 
 

@@ -10,10 +10,15 @@ from pathlib import Path
 from dreamsight.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from diffusion_service.config import DiffusionSettings
+from diffusion_service.artifacts import FineTunedModels, JobFiles
+from diffusion_service.config import DiffusionSettings, TrainingSettings
+from diffusion_service.dreambooth.params import Defaults, load_defaults
 from diffusion_service.engine import DiffusersEngine
+from diffusion_service.job_store import JobStore
 from diffusion_service.metrics import DiffusionMetrics
+from diffusion_service.registry import ModelRegistry
 from diffusion_service.servicer import DiffusionServicer
+from diffusion_service.training import TrainingManager
 from dreamsight_server.errors import ErrorTable
 from dreamsight_server.lifecycle import GrpcServer, on_shutdown_signals
 
@@ -23,11 +28,12 @@ SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].ful
 
 @dataclass
 class DiffusionService:
-    """A running diffusion service: the gRPC server and its engine."""
+    """A running diffusion service: the gRPC server and its engines."""
 
     settings: DiffusionSettings
     server: GrpcServer
     engine: DiffusersEngine
+    training: TrainingManager
     metrics: DiffusionMetrics
 
     @property
@@ -36,13 +42,17 @@ class DiffusionService:
         return self.server.port
 
     async def load(self) -> None:
-        """Load the default model, then report SERVING."""
+        """Load the default model, restore fine-tuned models and interrupted
+        training jobs, then report SERVING."""
         await self.engine.start()
+        await self.training.start()
         await self.server.set_serving(True)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, drain streams within the grace period, stop the engine."""
-        await self.server.stop(grace_s)
+        """NOT_SERVING, drain streams within the grace period while training
+        workers checkpoint and stop (their jobs resume at the next start),
+        then stop the engine."""
+        await asyncio.gather(self.server.stop(grace_s), self.training.shutdown())
         self.engine.shutdown()
 
 
@@ -66,17 +76,38 @@ async def start_service(
 ) -> DiffusionService:
     """Start serving (NOT_SERVING) without loading the model yet."""
     await asyncio.to_thread(prepare_model, settings)
+    t = settings.training
+    defaults = await asyncio.to_thread(load_defaults, t.defaults_file)
+    check_defaults(defaults, t)
     registry = registry or CollectorRegistry()
     metrics = DiffusionMetrics(registry)
     errors = ErrorTable()
-    engine = DiffusersEngine(settings, metrics)
+    store = JobStore(t.store)
+    files = JobFiles(t.artifacts_dir)
+    models = ModelRegistry(persistence=FineTunedModels(store, files))
+    engine = DiffusersEngine(settings, metrics, models)
+    training = TrainingManager(t, defaults, metrics, models, store, files)
     server = GrpcServer(settings.server, [SERVICE_NAME], registry, errors)
-    # The training RPCs are the DreamBooth issue's; until then they stay
-    # abstract in the generated stub; the training RPCs come with DreamBooth.
-    servicer = DiffusionServicer(engine, settings, metrics, errors)  # type: ignore[abstract]
+    servicer = DiffusionServicer(engine, training, settings, metrics, errors)
     diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server(servicer, server.server)
     await server.start()
-    return DiffusionService(settings, server, engine, metrics)
+    return DiffusionService(settings, server, engine, training, metrics)
+
+
+def check_defaults(defaults: Defaults, settings: TrainingSettings) -> None:
+    """The defaults file must fit the limits jobs are held to."""
+    limits = settings.limits
+    if defaults.max_train_steps > limits.max_train_steps:
+        raise ValueError(
+            f"the DreamBooth defaults' max_train_steps {defaults.max_train_steps} is over the "
+            f"limit of {limits.max_train_steps}"
+        )
+    resolution = defaults.resolution
+    if resolution is not None and not limits.min_resolution <= resolution <= limits.max_resolution:
+        raise ValueError(
+            f"the DreamBooth defaults' resolution {resolution} is outside "
+            f"{limits.min_resolution} to {limits.max_resolution}"
+        )
 
 
 async def run(settings: DiffusionSettings) -> None:

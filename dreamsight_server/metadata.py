@@ -15,3 +15,8 @@ GPU_SECONDS_TRAILER = "x-dreamsight-gpu-seconds"
 def gpu_seconds_trailer(gpu_seconds: float) -> tuple[tuple[str, str]]:
     """Trailing metadata reporting a call's GPU-seconds."""
     return ((GPU_SECONDS_TRAILER, repr(float(gpu_seconds))),)
+
+
+MAX_TRAINING_JOBS_HEADER = "x-dreamsight-max-training-jobs"
+"""The tenant tier's limit on queued plus running training jobs (an integer),
+set by the gateway; absent means no limit."""

@@ -78,11 +78,11 @@ class GatewayCore:
         try:
             caller = await self.keys.verify(authorization)
         except Unauthenticated:
-            self.metrics.rejections.labels("unauthenticated").inc()
+            self.metrics.rejections.labels("unauthenticated", "none").inc()
             raise
         tier = self.tiers.get(caller.tier)
         if tier is None:  # the key's tier was removed from the tiers file
-            self.metrics.rejections.labels("unknown_tier").inc()
+            self.metrics.rejections.labels("unknown_tier", caller.tier).inc()
             raise Unauthenticated("this key's tier no longer exists")
         return caller, tier
 
@@ -106,13 +106,13 @@ class GatewayCore:
             try:
                 await self.budgets.check(caller, tier)
             except Exception:
-                self.metrics.rejections.labels("gpu_budget").inc()
+                self.metrics.rejections.labels("gpu_budget", tier.name).inc()
                 raise
         if metered:
             try:
                 lease = await self.limiter.acquire(caller.tenant, tier.concurrent_requests)
             except Exception:
-                self.metrics.rejections.labels("concurrency").inc()
+                self.metrics.rejections.labels("concurrency", tier.name).inc()
                 raise
             self.metrics.queue_wait.labels(tier.name).observe(lease.waited_s)
             self.metrics.in_flight.labels(tier.name).inc()

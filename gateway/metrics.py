@@ -52,8 +52,8 @@ class GatewayMetrics:
         )
         self.rejections = Counter(
             "dreamsight_gateway_rejections_total",
-            "Requests refused before reaching a backend, by reason",
-            ["reason"],
+            "Requests refused before reaching a backend, by reason and tier (none when unknown)",
+            ["reason", "tier"],
             registry=registry,
         )
         self.gpu_seconds = Counter(

@@ -31,7 +31,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from PIL import Image
 
-from diffusion_service.config import BaseModel, DiffusionSettings, Limits, parse_settings
+from diffusion_service.config import (
+    BaseModel,
+    DiffusionSettings,
+    Limits,
+    TrainingSettings,
+    parse_settings,
+)
 from diffusion_service.engine import DiffusersEngine
 from diffusion_service.server import DiffusionService, start_service
 from dreamsight_server.lifecycle import ServerOptions
@@ -69,8 +75,11 @@ class DiffusionHandle:
 
 
 @pytest.fixture(scope="module")
-async def diffusion(sd_dir: Path) -> AsyncIterator[DiffusionHandle]:
+async def diffusion(
+    sd_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[DiffusionHandle]:
     """One real diffusion service on the demo pipeline for this module."""
+    training_dir = tmp_path_factory.mktemp("training")
     settings = DiffusionSettings(
         models=(BaseModel("sd-demo", str(sd_dir)),),
         max_loaded_models=1,
@@ -79,6 +88,7 @@ async def diffusion(sd_dir: Path) -> AsyncIterator[DiffusionHandle]:
         torch_threads=1,
         device="cpu",
         limits=LIMITS,
+        training=TrainingSettings(store=training_dir / "jobs.sqlite3", artifacts_dir=training_dir),
         server=ServerOptions(grace_s=2.0),
     )
     service = await start_service(settings)
@@ -341,10 +351,11 @@ async def test_unknown_model_is_not_found(diffusion: DiffusionHandle) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_training_rpcs_are_unimplemented(diffusion: DiffusionHandle) -> None:
+async def test_unknown_training_job_is_not_found(diffusion: DiffusionHandle) -> None:
+    """The training RPCs are served (tests/test_dreambooth.py covers them)."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await diffusion.stub.GetTrainingJob(diffusion_pb2.GetTrainingJobRequest(job_id="x"))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_list_models_reports_the_demo_base_model(diffusion: DiffusionHandle) -> None:

@@ -337,7 +337,7 @@ async def test_metrics_count_by_code_and_tier_without_keys(
         'dreamsight_gateway_requests_total{code="OK",method="Chat",protocol="grpc",'
         'service="VisionService",tier="pro"} 1.0' in text
     )
-    assert 'dreamsight_gateway_rejections_total{reason="unauthenticated"} 1.0' in text
+    assert 'dreamsight_gateway_rejections_total{reason="unauthenticated",tier="none"} 1.0' in text
     assert 'dreamsight_gateway_gpu_seconds_total{service="VisionService",tier="pro"} 0.5' in text
     assert "dreamsight_gateway_time_to_first_chunk_seconds_count" in text
     assert key not in text and "metered" not in text

@@ -92,6 +92,7 @@ class FakeBackend:
         self.impl = impl
         self.port = port
         self.server: grpc.aio.Server | None = None
+        self.health: Any = None
 
     async def start(self) -> int:
         server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
@@ -99,6 +100,7 @@ class FakeBackend:
         servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health = servicer
         self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         await server.start()
         self.server = server

@@ -341,3 +341,39 @@ async def test_metrics_count_by_code_and_tier_without_keys(
     assert 'dreamsight_gateway_gpu_seconds_total{service="VisionService",tier="pro"} 0.5' in text
     assert "dreamsight_gateway_time_to_first_chunk_seconds_count" in text
     assert key not in text and "metered" not in text
+
+
+async def test_round_robin_over_healthy_backends_only(tmp_path: Path) -> None:
+    """Several addresses behind one target: calls spread over all of them, and
+    a backend whose health goes NOT_SERVING gets no more calls."""
+    from grpc_health.v1 import health_pb2
+
+    first, second = FakeBackend(FakeVision()), FakeBackend(FakeVision())
+    await first.start()
+    await second.start()
+    gw = await gateway_for(tmp_path, first.port, metrics_port=None)
+    await gw.stop(0)
+    from dataclasses import replace
+
+    from gateway.server import start_gateway
+
+    target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
+    gw = await start_gateway(replace(gw.settings, vision_target=target))
+    try:
+        key = await new_key(gw, "spread", "max")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
+            for _ in range(20):
+                await collect(ch, "hi", bearer(key))
+            assert first.impl.finished > 0 and second.impl.finished > 0
+            assert first.impl.finished + second.impl.finished == 20
+            assert first.health is not None
+            await first.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            await asyncio.sleep(0.5)  # the gateway's health watch sees it
+            before = first.impl.finished
+            for _ in range(10):
+                await collect(ch, "hi", bearer(key))
+            assert first.impl.finished == before, "no calls to a NOT_SERVING backend"
+    finally:
+        await gw.stop(0)
+        await first.kill()
+        await second.kill()

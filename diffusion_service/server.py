@@ -57,14 +57,21 @@ class DiffusionService:
 
 
 def prepare_model(settings: DiffusionSettings) -> None:
-    """Build the tiny demo pipeline on first run when the settings point at one.
+    """Put the tiny demo pipeline in place on first run when the settings point at one.
 
-    A missing local directory whose name ends in ``-demo`` is built; any other
+    A missing local directory whose name ends in ``-demo`` gets the trained
+    demo pipeline committed with the source (``models/sd-shapes``), or, where
+    the tree has none, a random-weight one built on the spot; any other
     source is left to diffusers (a hub id or an existing directory).
     """
     for model in settings.models:
         path = Path(model.source)
         if settings.build_demo_model and not path.exists() and path.name.endswith("-demo"):
+            from dreamsight_server import demo_weights
+
+            if demo_weights.install("stable-diffusion", path):
+                log.info("copied the trained demo Stable Diffusion (shapes) into %s", path)
+                continue
             from diffusion_service import demo_model
 
             log.info("building the demo Stable Diffusion (random weights) into %s", path)

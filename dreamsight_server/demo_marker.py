@@ -8,6 +8,7 @@ people. Real checkpoints have neither.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,27 @@ def write_marker(
     builder: str,
     knows: str,
     details: dict[str, Any],
+    weights: str = "random",
+    training: Sequence[str] = (),
 ) -> None:
-    """Write the marker and the model card into a demo model directory."""
+    """Write the marker and the model card into a demo model directory.
+
+    ``weights`` is "random" for the plumbing-only builds or "trained" for the
+    demo models taught the synthetic shapes world; ``training`` lines tell how.
+    """
     marker = {
         "demo": True,
         "kind": kind,
-        "weights": "random",
+        "weights": weights,
         "seed": seed,
         "builder": builder,
         "knows": knows,
         **details,
     }
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    if weights != "random":
+        _write_trained_card(out_dir, kind, seed, builder, knows, details, training)
+        return
     lines = [
         f"# dreamsight demo model ({kind}): a toy, not a real model",
         "",
@@ -41,6 +51,34 @@ def write_marker(
         f"runs offline on a CPU. It proves the plumbing; it knows {knows}.",
         "",
         f"- rebuilt with: `{builder} DIR --seed {seed}` (same seed, same bytes)",
+        *[f"- {key}: {value}" for key, value in sorted(details.items())],
+        "",
+        "For real use, point the service at a Hugging Face directory or hub id.",
+        "",
+    ]
+    (out_dir / "README.md").write_text("\n".join(lines))
+
+
+def _write_trained_card(
+    out_dir: Path,
+    kind: str,
+    seed: int,
+    builder: str,
+    knows: str,
+    details: dict[str, Any],
+    training: Sequence[str],
+) -> None:
+    lines = [
+        f"# dreamsight demo model ({kind}): a toy, trained on synthetic shapes",
+        "",
+        "Trained by dreamsight on CPU, on generated images of one flat shape on white,",
+        "so that the whole system runs offline and what it answers or draws can be",
+        f"checked by a deterministic judge (shapes.judge). It knows {knows},",
+        "and nothing else: it is a toy, not a model for real images.",
+        "",
+        *[f"- {line}" for line in training],
+        f"- retrained with: `{builder} DIR --seed {seed}` (seeded, torch threads pinned;",
+        "  the committed files' sha256 and the training configuration are in manifest.json)",
         *[f"- {key}: {value}" for key, value in sorted(details.items())],
         "",
         "For real use, point the service at a Hugging Face directory or hub id.",

@@ -2,13 +2,16 @@
 
     python scripts/demo.py [--home DIR]
 
-Starts `dreamsight up` (gateway, vision and diffusion on loopback, building
-the tiny demo models on first run), then, through the public client only:
-a streamed chat about an image, a generated image saved to disk, a short
-DreamBooth job with progress, a generation with the new subject identifier,
-the caller's usage, and a clean shutdown. The models are toys with random
-weights: the text is gibberish and the images are noise, by design; what the
-demo shows is the system working.
+Starts `dreamsight up` (gateway, vision and diffusion on loopback, with the
+small demo models trained on synthetic shapes that come with the source;
+see docs/quality.md), then, through the public client only: generates "a
+blue triangle", asks the vision model about that image in a streamed chat,
+teaches the diffusion model a subject it has never seen (a striped purple
+star, "a sks shape") with a DreamBooth job from four photos, draws the
+subject and a base prompt with the new model, shows the caller's usage and
+shuts down cleanly. Each step prints what it asked, what it got, and whether
+the deterministic judge of the shapes world (``shapes.judge``) agrees. The
+models are toys: they know one flat shape on white, and nothing else.
 """
 
 from __future__ import annotations
@@ -23,20 +26,11 @@ from pathlib import Path
 
 import dreamsight
 
+from shapes import quality, scenes
+from shapes.judge import Verdict, judge
 
-def subject_photos(out: Path) -> list[Path]:
-    """Three photos of the demo 'subject': a red circle on white, moved about."""
-    from PIL import Image, ImageDraw
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (x, y) in enumerate([(10, 12), (22, 18), (16, 26)]):
-        image = Image.new("RGB", (64, 64), "white")
-        ImageDraw.Draw(image).ellipse((x, y, x + 28, y + 28), fill=(220, 30, 30))
-        path = out / f"subject-{i}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
+PROMPT = ("a blue triangle", "blue", "triangle")
+STEPS = 20
 
 
 def step(title: str) -> None:
@@ -44,62 +38,115 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def run_demo(client: dreamsight.Client, out: Path) -> None:
-    """The demo's calls, through the public client."""
-    for model in client.models():
-        print(f"model {model.name} ({model.kind}, {model.origin}, demo={model.demo})")
-    photos = subject_photos(out / "subject")
+def mark(ok: bool) -> str:
+    """yes / NO."""
+    return "yes" if ok else "NO"
 
-    step("streamed chat about an image")
-    print(">>> What is in this image?", flush=True)
-    message = dreamsight.Message("user", "What is in this image?", (photos[0],))
-    reply = None
-    for chunk in client.chat("", [message], options={"max_tokens": 24}, stream=True):
-        print(chunk.text, end="", flush=True)
-        reply = chunk.response or reply
-    assert reply is not None
-    print(
-        f"\n[{reply.completion_tokens} tokens, TTFT {reply.time_to_first_token * 1e3:.0f} ms, "
-        f"{reply.gpu_seconds:.3f} GPU-s; random weights, so gibberish]"
-    )
 
+def describe(verdict: Verdict) -> str:
+    """What the judge saw, in words."""
+    striped = ", striped" if verdict.striped else ""
+    return f"{verdict.colour or 'no colour'} {verdict.shape or 'unknown shape'}{striped}"
+
+
+def generate_and_chat(client: dreamsight.Client, out: Path, checks: dict[str, bool]) -> None:
+    """Draw the prompt, judge it, then ask the vision model about the image."""
+    prompt, colour, shape = PROMPT
     step("generate an image")
-    result = client.generate_image("a red circle on white", steps=10, seed=1)
-    first = result.images[0].save(out / "generated.png")
-    print(f"saved {first} (seed {result.images[0].seed}, {result.gpu_seconds:.2f} GPU-s)")
+    result = client.generate_image(prompt, steps=STEPS, seed=1)
+    image = result.images[0]
+    path = image.save(out / "generated.png")
+    seen = judge(image.to_pil())
+    checks["the image shows the prompt"] = ok = seen.matches(colour, shape)
+    print(f"asked : {prompt!r}   (saved {path}, {result.gpu_seconds:.2f} GPU-s)")
+    print(f"judge : {describe(seen)}   -> as prompted: {mark(ok)}")
 
-    step("DreamBooth: teach the model the subject 'sks circle'")
+    step("streamed chat about the generated image")
+    prompted = scenes.Scene(shape, colour, scenes.COLOURS[colour], 0.5, 0.5, 0.5)
+    for kind in scenes.QUESTION_KINDS:
+        question = scenes.CANONICAL_QUESTIONS[kind]
+        print(f">>> {question}", flush=True)
+        message = dreamsight.Message("user", question, (image.png,))
+        options: dreamsight.Options = {"temperature": 0.0, "max_tokens": 24}
+        reply = None
+        for chunk in client.chat("", [message], options=options, stream=True):
+            print(chunk.text, end="", flush=True)
+            reply = chunk.response or reply
+        assert reply is not None
+        right = scenes.grade(prompted, kind, reply.text)
+        agrees = bool(seen.colour and seen.shape) and scenes.grade(
+            scenes.Scene(seen.shape or "", seen.colour or "", (0, 0, 0), 0.5, 0.5, 0.5),
+            kind,
+            reply.text,
+        )
+        checks[f"chat: {question}"] = right
+        print(
+            f"\n    [{reply.completion_tokens} tokens, TTFT {reply.time_to_first_token * 1e3:.0f}"
+            f" ms, {reply.gpu_seconds:.3f} GPU-s] right about the prompt: {mark(right)}; "
+            f"the judge agrees: {mark(agrees)}"
+        )
+
+
+def dreambooth(client: dreamsight.Client, out: Path, checks: dict[str, bool]) -> None:
+    """Teach the subject, then draw it and a base prompt with the new model."""
+    step("DreamBooth: teach the model a subject it has never seen")
+    photos = scenes.subject_images(seed=0, count=4)
+    (out / "subject").mkdir(parents=True, exist_ok=True)
+    for i, photo in enumerate(photos):
+        photo.save(out / "subject" / f"subject-{i}.png")
+    print(
+        f"4 photos of a striped purple star in {out / 'subject'}; instance prompt "
+        f"{quality.SUBJECT_PROMPT!r}, class prompt {quality.CLASS_PROMPT!r}, "
+        f"{quality.DREAMBOOTH.max_train_steps} steps (no class priors: docs/quality.md says why)"
+    )
+    before = client.generate_image(quality.SUBJECT_PROMPT, steps=STEPS, seed=5)
+    print(f"before: {quality.SUBJECT_PROMPT!r} draws {describe(judge(before.images[0].to_pil()))}")
     job = client.train(
-        photos,
-        "a photo of sks circle",
-        class_prompt="a photo of a circle",
-        num_class_images=2,
-        max_train_steps=12,
-        checkpoint_interval=6,
-        resolution=64,
-        seed=0,
-        output_model_name="sks-circle",
+        [quality.png(p) for p in photos],
+        quality.SUBJECT_PROMPT,
+        class_prompt=quality.CLASS_PROMPT,
+        output_model_name="sks-star",
+        **quality.DREAMBOOTH.train_kwargs(),
     )
     print(f"job {job.id}")
     for event in job.watch():
-        if event.kind == "class_images":
+        if event.kind == "class_images" and event.done == event.total:
             print(f"  class images {event.done}/{event.total}", flush=True)
-        elif event.kind == "training_step":
+        elif event.kind == "training_step" and event.step % 250 == 0:
             print(f"  step {event.step}/{event.total_steps} loss {event.loss:.4f}", flush=True)
-        elif event.kind == "checkpoint_saved":
-            print(f"  checkpoint at step {event.step}", flush=True)
         elif event.kind in ("succeeded", "failed", "cancelled"):
             print(f"  {event.kind} {event.model or event.reason}", flush=True)
     final = job.refresh()
     if final.state != "succeeded":
         raise SystemExit(f"training {final.state}: {final.reason}")
 
-    step("generate with the subject identifier")
+    step("generate with the subject identifier, and a base prompt, on the new model")
     tuned = client.generate_image(
-        "a photo of sks circle on the beach", model=final.model, steps=10, seed=2
+        quality.SUBJECT_PROMPT, model=final.model, steps=STEPS, seed=5, num_images=4
     )
-    path = tuned.images[0].save(out / "sks-circle.png")
-    print(f"saved {path} from {tuned.model}")
+    hits = 0
+    for i, drawn in enumerate(tuned.images):
+        verdict = judge(drawn.to_pil())
+        hit = verdict.matches(scenes.SUBJECT_COLOUR, scenes.SUBJECT_SHAPE)
+        hits += hit
+        drawn.save(out / f"sks-{i}.png")
+        seen = describe(verdict)
+        print(f"asked : {quality.SUBJECT_PROMPT!r} -> judge: {seen}; subject: {mark(hit)}")
+    checks["DreamBooth: the subject in 3 of 4 images"] = hits >= 3
+    base = client.generate_image("a red circle", model=final.model, steps=STEPS, seed=1)
+    verdict = judge(base.images[0].to_pil())
+    checks["DreamBooth: 'a red circle' still drawn"] = ok = verdict.matches("red", "circle")
+    print(f"asked : 'a red circle' -> judge: {describe(verdict)}; as prompted: {mark(ok)}")
+
+
+def run_demo(client: dreamsight.Client, out: Path) -> dict[str, bool]:
+    """The demo's calls, through the public client; returns its checks."""
+    out.mkdir(parents=True, exist_ok=True)
+    for model in client.models():
+        print(f"model {model.name} ({model.kind}, {model.origin}, demo={model.demo})")
+    checks: dict[str, bool] = {}
+    generate_and_chat(client, out, checks)
+    dreambooth(client, out, checks)
 
     step("usage")
     usage = client.usage()
@@ -108,6 +155,7 @@ def run_demo(client: dreamsight.Client, out: Path) -> None:
             f"  {usage.tenant} ({usage.tier}) {window.name}: "
             f"{window.used_gpu_seconds:.2f} of {window.limit_gpu_seconds:g} GPU-seconds"
         )
+    return checks
 
 
 def main() -> None:
@@ -116,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     home = Path(args.home).resolve()
 
-    step("dreamsight up (builds the demo models on first run)")
+    step("dreamsight up (puts the trained demo models in place on first run)")
     started = time.monotonic()
     up = subprocess.Popen(
         [sys.executable, "-m", "dreamsight.cli", "--json", "up", "--home", str(home),
@@ -130,16 +178,22 @@ def main() -> None:
     info = json.loads(line)
     key = info["api_key"]
     print(f"gateway at {info['target']}, HTTP at {info['http']}, demo key {key[:16]}...")
+    checks: dict[str, bool] = {}
     try:
         with dreamsight.Client(info["target"], api_key=info["api_key"]) as client:
-            run_demo(client, home / "demo")
+            checks = run_demo(client, home / "demo")
     finally:
         step("shutdown")
         up.send_signal(signal.SIGTERM)
         code = up.wait(timeout=120)
         print(f"dreamsight up exited with {code}; the demo took {time.monotonic() - started:.0f} s")
+    step("summary")
+    for name, ok in checks.items():
+        print(f"  {mark(ok):3}  {name}")
     if code != 0:
         raise SystemExit(code)
+    if not all(checks.values()):
+        raise SystemExit("some answers or images were wrong (see above)")
 
 
 if __name__ == "__main__":

@@ -48,14 +48,21 @@ class VisionService:
 
 
 def prepare_model(settings: VisionSettings) -> None:
-    """Build the tiny demo model on first run when the settings point at one.
+    """Put the tiny demo model in place on first run when the settings point at one.
 
-    A missing local directory whose name ends in ``-demo`` is built; any other
-    model name is left to vLLM (a hub id or an existing directory).
+    A missing local directory whose name ends in ``-demo`` gets the trained
+    demo model committed with the source (``models/llava-shapes``), or, where
+    the tree has none, a random-weight one built on the spot; any other model
+    name is left to vLLM (a hub id or an existing directory).
     """
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")
     path = Path(settings.model)
     if settings.build_demo_model and not path.exists() and path.name.endswith("-demo"):
+        from dreamsight_server import demo_weights
+
+        if demo_weights.install("llava", path):
+            log.info("copied the trained demo LLaVA (shapes) into %s", path)
+            return
         from vision_service import demo_model
 
         log.info("building the demo LLaVA (random weights) into %s", path)

@@ -2,7 +2,11 @@
 
 Each service runs as its own process (``python -m vision_service`` ...) from
 the server packages installed beside the client; the client imports none of
-their code. Demo models are built by the services on first run. A demo API key
+their code. The services put the demo models in place on first run: the
+small models trained on synthetic shapes that come with the source tree
+(``models/``), or random-weight ones where the tree has none. Random-weight
+demo models left in HOME by an older version are swapped for the trained
+ones first (``python -m dreamsight_server.demo_weights refresh``). A demo API key
 is minted through the AdminService with a per-run admin token and kept in
 ``HOME/demo_key`` for the next run. Ctrl-C or SIGTERM stops everything: each
 service gets SIGTERM and its grace period, then its whole process group is
@@ -108,6 +112,7 @@ def start(home: Path, gateway_port: int, http_port: int, quiet: bool = False) ->
     http_port = _free_port() if http_port == 0 else http_port  # -1: no HTTP
     stack = Stack(home, gateway_port, http_port, admin_token=secrets.token_urlsafe(24))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    _refresh_demo_models(home, env, quiet)
     commands: dict[str, tuple[list[str], dict[str, str]]] = {
         "vision": (
             ["-m", "vision_service", f"--model={home / 'models' / 'llava-demo'}",
@@ -152,6 +157,24 @@ def start(home: Path, gateway_port: int, http_port: int, quiet: bool = False) ->
         stack.stop(grace_s=5)
         raise
     return stack
+
+
+def _refresh_demo_models(home: Path, env: dict[str, str], quiet: bool) -> None:
+    """Swap random-weight demo models in HOME for the trained ones, when the
+    server packages come with them; anything else in HOME is left alone."""
+    models = home / "models"
+    command = [
+        sys.executable, "-m", "dreamsight_server.demo_weights", "refresh",
+        f"{models / 'llava-demo'}=llava", f"{models / 'sd-demo'}=stable-diffusion",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"could not put the demo models in place:\n{done.stderr.strip()}")
+    if not quiet:
+        for line in done.stdout.splitlines():
+            path, _, action = line.rpartition(": ")
+            if action in ("installed", "replaced"):
+                print(f"  demo model {Path(path).name}: {action} (trained)", file=sys.stderr)
 
 
 def _wait_serving(name: str, port: int, stack: Stack, timeout: float) -> None:

@@ -1,0 +1,155 @@
+"""The trained demo models committed under models/: their files match the
+manifest's hashes and the trainers' configuration, their layout is what vLLM
+and diffusers load, and the services put them in place of random demo models.
+
+CI does not retrain; ``python -m vision_service.train_demo models/llava-shapes``
+and ``python -m diffusion_service.train_demo models/sd-shapes`` do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diffusion_service import train_demo as sd_train
+from dreamsight_server import demo_weights
+from dreamsight_server.demo_marker import read_marker
+from vision_service import train_demo as llava_train
+
+LLAVA = demo_weights.COMMITTED_ROOT / "llava-shapes"
+SD = demo_weights.COMMITTED_ROOT / "sd-shapes"
+TRAINERS: dict[Path, Any] = {LLAVA: llava_train, SD: sd_train}
+
+
+@pytest.mark.parametrize("model_dir", [LLAVA, SD], ids=["llava-shapes", "sd-shapes"])
+def test_committed_files_match_the_manifest(model_dir: Path) -> None:
+    assert demo_weights.verify(model_dir) == []
+    total = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    assert total < 8 * 1024 * 1024, "keep the committed weights small"
+
+
+@pytest.mark.parametrize("model_dir", [LLAVA, SD], ids=["llava-shapes", "sd-shapes"])
+def test_manifest_records_the_trainers_configuration(model_dir: Path) -> None:
+    """Changing a trainer's defaults means retraining and committing again."""
+    manifest = demo_weights.read_manifest(model_dir)
+    trainer = TRAINERS[model_dir]
+    expected = json.loads(json.dumps(dataclasses.asdict(trainer.TrainConfig())))
+    assert manifest["config"] == expected
+    assert manifest["builder"] == trainer.BUILDER
+
+
+def test_recorded_quality_meets_the_targets() -> None:
+    vision = demo_weights.read_manifest(LLAVA)["results"]["heldout_accuracy"]
+    assert vision["all"] >= 0.98
+    drawn = demo_weights.read_manifest(SD)["results"]["quality"]
+    assert drawn["colour"] >= 0.95 and drawn["shape"] >= 0.85
+
+
+@pytest.mark.parametrize(
+    ("model_dir", "kind"), [(LLAVA, "llava"), (SD, "stable-diffusion")], ids=["llava", "sd"]
+)
+def test_trained_models_are_labelled_toys(model_dir: Path, kind: str) -> None:
+    marker = read_marker(model_dir)
+    assert marker is not None
+    assert (marker["kind"], marker["weights"]) == (kind, "trained")
+    card = (model_dir / "README.md").read_text()
+    assert "toy" in card and "manifest.json" in card
+    assert demo_weights.trained_model(kind) == model_dir
+
+
+def test_llava_layout_is_what_vllm_loads() -> None:
+    from safetensors import safe_open
+
+    config = json.loads((LLAVA / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    text, vision = config["text_config"], config["vision_config"]
+    assert text["head_dim"] >= 32
+    assert vision["hidden_size"] // vision["num_attention_heads"] >= 32
+    assert (vision["image_size"], vision["patch_size"]) == (112, 14)
+    with safe_open(str(LLAVA / "model.safetensors"), "pt") as weights:
+        keys = list(weights.keys())
+    vision_keys = [k for k in keys if k.startswith("vision_tower.")]
+    assert vision_keys and all(k.startswith("vision_tower.vision_model.") for k in vision_keys)
+    template = (LLAVA / "chat_template.jinja").read_text()
+    assert "<|start_header_id|>" in template and "<image>" in template
+
+
+def test_sd_layout_is_what_diffusers_loads() -> None:
+    index = json.loads((SD / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (SD / part).is_dir() and index[part][0] in ("diffusers", "transformers")
+    vocab = json.loads((SD / "tokenizer" / "vocab.json").read_text())
+    assert "sks</w>" in vocab, "the DreamBooth identifier is one token"
+
+
+def _random_demo(path: Path, kind: str) -> Path:
+    from dreamsight_server.demo_marker import write_marker
+
+    path.mkdir(parents=True)
+    write_marker(path, kind=kind, seed=0, builder="b", knows="nothing", details={})
+    return path
+
+
+def test_install_and_refresh(tmp_path: Path) -> None:
+    missing = tmp_path / "a" / "llava-demo"
+    assert demo_weights.refresh(missing, "llava") == "installed"
+    assert demo_weights.verify(missing) == []
+    assert demo_weights.refresh(missing, "llava") == "kept"
+
+    stale = _random_demo(tmp_path / "b" / "sd-demo", "stable-diffusion")
+    assert demo_weights.refresh(stale, "stable-diffusion") == "replaced"
+    marker = read_marker(stale)
+    assert marker is not None and marker["weights"] == "trained"
+
+    real = tmp_path / "c" / "llava-demo"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text("{}")
+    assert demo_weights.refresh(real, "llava") == "kept"
+    assert not (real / demo_weights.MANIFEST_FILE).exists()
+
+    # An installed copy from an older training run is updated.
+    (missing / "README.md").write_text("older card")
+    manifest = demo_weights.read_manifest(missing)
+    manifest["files"]["README.md"] = demo_weights.sha256(missing / "README.md")
+    (missing / demo_weights.MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert demo_weights.refresh(missing, "llava") == "replaced"
+    assert demo_weights.verify(missing) == []
+
+
+def test_install_refuses_damaged_weights(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(LLAVA, root / "llava-shapes")
+    (root / "llava-shapes" / "model.safetensors").write_text("version https://git-lfs...")
+    problems = demo_weights.verify(root / "llava-shapes")
+    assert problems and "model.safetensors" in problems[0]
+    with pytest.raises(ValueError, match="damaged"):
+        demo_weights.install("llava", tmp_path / "llava-demo", root)
+    assert not demo_weights.install("llava", tmp_path / "x", tmp_path / "nowhere")
+
+
+def test_services_put_the_trained_models_in_place(tmp_path: Path) -> None:
+    from diffusion_service.config import BaseModel, DiffusionSettings
+    from diffusion_service.server import prepare_model as prepare_sd
+    from vision_service.config import VisionSettings
+    from vision_service.server import prepare_model as prepare_llava
+
+    prepare_llava(VisionSettings(model=str(tmp_path / "llava-demo")))
+    prepare_sd(DiffusionSettings(models=(BaseModel("sd-demo", str(tmp_path / "sd-demo")),)))
+    for name, kind in (("llava-demo", "llava"), ("sd-demo", "stable-diffusion")):
+        marker = read_marker(tmp_path / name)
+        assert marker is not None and (marker["kind"], marker["weights"]) == (kind, "trained")
+        assert demo_weights.verify(tmp_path / name) == []
+
+
+def test_random_demo_builders_are_unchanged(tmp_path: Path) -> None:
+    """Tests keep the fast random models: the builders still write random weights."""
+    from vision_service import demo_model
+
+    marker = read_marker(demo_model.build(tmp_path / "llava-demo"))
+    assert marker is not None and marker["weights"] == "random"

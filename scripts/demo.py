@@ -105,7 +105,7 @@ def dreambooth(client: dreamsight.Client, out: Path, checks: dict[str, bool]) ->
         [quality.png(p) for p in photos],
         quality.SUBJECT_PROMPT,
         class_prompt=quality.CLASS_PROMPT,
-        output_model_name="sks-star",
+        output_model_name=free_name(client, "sks-star"),
         **quality.DREAMBOOTH.train_kwargs(),
     )
     print(f"job {job.id}")
@@ -137,6 +137,12 @@ def dreambooth(client: dreamsight.Client, out: Path, checks: dict[str, bool]) ->
     verdict = judge(base.images[0].to_pil())
     checks["DreamBooth: 'a red circle' still drawn"] = ok = verdict.matches("red", "circle")
     print(f"asked : 'a red circle' -> judge: {describe(verdict)}; as prompted: {mark(ok)}")
+
+
+def free_name(client: dreamsight.Client, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ... when earlier demo runs took it."""
+    taken = {model.name for model in client.models()}
+    return next(n for n in (stem, *(f"{stem}-{i}" for i in range(2, 10_000))) if n not in taken)
 
 
 def run_demo(client: dreamsight.Client, out: Path) -> dict[str, bool]:

@@ -46,6 +46,15 @@ async def measure(target: str, key: str, args: argparse.Namespace) -> dict[str, 
             ],
         }
         print(json.dumps({"vision": results["vision"]}), file=sys.stderr, flush=True)
+        harder = scenes.questions(
+            seed=args.question_seed + 1, count=args.questions, paraphrase=True, degrade_strength=1.0
+        )
+        answered = await quality.ask(client, harder)
+        results["vision_harder"] = {
+            "questions": len(answered),
+            "accuracy": quality.answer_accuracy(answered),
+        }
+        print(json.dumps({"vision_harder": results["vision_harder"]}), file=sys.stderr)
         started = time.monotonic()
         drawn = await quality.draw(
             client, quality.BASE_PROMPTS, per_prompt=args.images, steps=STEPS, seed=100

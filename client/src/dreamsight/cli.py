@@ -350,9 +350,7 @@ def cmd_up(args: argparse.Namespace, out: Output) -> int:
     from dreamsight import _up
 
     home = Path(args.home or os.environ.get("DREAMSIGHT_HOME", ".dreamsight")).resolve()
-    print(
-        f"starting dreamsight in {home} (demo models are built on first run) ...", file=sys.stderr
-    )
+    print(f"starting dreamsight in {home} (demo models set up on first run) ...", file=sys.stderr)
     stack = _up.start(home, args.port, args.http_port)
     info = {
         "target": stack.target,
@@ -366,7 +364,7 @@ def cmd_up(args: argparse.Namespace, out: Output) -> int:
         print(f"\ndreamsight is up: gRPC {stack.target}")
         print(f"  export DREAMSIGHT_HOST={stack.target}")
         print(f"  export DREAMSIGHT_API_KEY={stack.api_key}")
-        print("  (demo models: random weights, answers are gibberish)")
+        print("  (demo models: toys that know one flat shape on white; see docs/quality.md)")
         print("press Ctrl-C to stop", flush=True)
     sys.stdout.flush()
     _up.run_forever(stack)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from dreamsight_server import torch_compat
@@ -45,15 +46,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, [chr(c) for c in chars], strict=True))
 
 
-def write_clip_tokenizer_files(out_dir: Path) -> None:
+def write_clip_tokenizer_files(out_dir: Path, words: Sequence[str] = _WORDS) -> None:
     """A CLIP BPE vocabulary: every byte, every byte ending a word, and the
-    merges that spell a few common words whole."""
+    merges that spell ``words`` whole (by default a few common ones)."""
     alphabet = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for token in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(token, len(vocab))
     merges: list[str] = []
-    for word in _WORDS:
+    for word in words:
         pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
             merge = f"{pieces[0]} {pieces[1]}"

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_service.demo_model import _bytes_to_unicode
+from diffusion_service.demo_model import write_clip_tokenizer_files
 from dreamsight_server import torch_compat
 from dreamsight_server.demo_marker import write_marker
 from dreamsight_server.demo_weights import overrides, write_manifest
@@ -109,25 +109,8 @@ def write_tokenizer(out_dir: Path) -> Any:
     """A CLIP BPE tokenizer: every byte, and merges that spell WORDS whole."""
     from transformers import CLIPTokenizer
 
-    alphabet = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for token in alphabet + [c + "</w>" for c in alphabet]:
-        vocab.setdefault(token, len(vocab))
-    merges: list[str] = []
-    for word in WORDS:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            vocab.setdefault(pieces[0], len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
     tok_dir = out_dir / "tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_clip_tokenizer_files(tok_dir, WORDS)
     return CLIPTokenizer(
         str(tok_dir / "vocab.json"),
         str(tok_dir / "merges.txt"),

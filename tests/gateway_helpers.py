@@ -144,6 +144,15 @@ async def gateway_for(
     return await start_gateway(settings)
 
 
+@dataclass
+class Stack:
+    """A gateway in front of real services, and a key for calling it."""
+
+    gateway: Gateway
+    target: str
+    key: str
+
+
 async def new_key(gateway: Gateway, tenant: str, tier: str) -> str:
     """Mint a key directly through the core."""
     _, secret = await gateway.core.keys.create(tenant, tier, "test")

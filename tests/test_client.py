@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,11 @@ from diffusion_service.config import BaseModel, DiffusionSettings
 from diffusion_service.server import start_service as start_diffusion
 from dreamsight_server.lifecycle import ServerOptions
 from gateway.config import GatewaySettings
-from gateway.server import Gateway, start_gateway
+from gateway.server import start_gateway
 from tests.conftest import VisionHandle
-from tests.gateway_helpers import ADMIN_TOKEN, new_key
+from tests.gateway_helpers import ADMIN_TOKEN, Stack, new_key
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class Stack:
-    gateway: Gateway
-    target: str
-    key: str
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ docs/quality.md by a margin that keeps them stable for these sample sizes.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import dreamsight
 import pytest
@@ -21,9 +20,9 @@ from dreamsight_server.demo_weights import COMMITTED_ROOT
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
 from gateway.config import GatewaySettings
-from gateway.server import Gateway, start_gateway
+from gateway.server import start_gateway
 from shapes import quality, scenes
-from tests.gateway_helpers import ADMIN_TOKEN, new_key
+from tests.gateway_helpers import ADMIN_TOKEN, Stack, new_key
 from vision_service.config import VisionSettings
 from vision_service.server import start_service as start_vision
 
@@ -32,13 +31,6 @@ pytestmark = pytest.mark.slow
 VISION_QUESTIONS = 120
 """40 of each kind: a 95% bound then fails a model that is truly 98% about once in 50 runs."""
 DRAW_STEPS = 20
-
-
-@dataclass
-class Stack:
-    gateway: Gateway
-    target: str
-    key: str
 
 
 @pytest.fixture(scope="module")

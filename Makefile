@@ -72,3 +72,15 @@ bench-diffusion: setup
 # Our DreamBooth trainer alone on the demo model: s/step and peak RSS (~1 min on 2 cores).
 bench-dreambooth: setup
 	$(BIN)/python bench/bench_dreambooth.py
+
+# Retrain both demo models from scratch (CPU, ~25 min, seeded) and replace
+# the committed ones only when both trainings finished; commit the result.
+.PHONY: demo-models
+demo-models: setup
+	rm -rf models/llava-shapes.new models/sd-shapes.new
+	$(BIN)/python -m vision_service.train_demo models/llava-shapes.new
+	$(BIN)/python -m diffusion_service.train_demo models/sd-shapes.new
+	rm -rf models/llava-shapes models/sd-shapes
+	mv models/llava-shapes.new models/llava-shapes
+	mv models/sd-shapes.new models/sd-shapes
+	$(BIN)/python -m dreamsight_server.demo_weights verify

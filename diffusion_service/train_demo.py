@@ -82,11 +82,6 @@ class TrainConfig:
     ResNet block (not only the cross-attention ones) hears it: colour is global."""
     text_hidden: int = 64
     text_layers: int = 2
-    train_text_encoder: bool = True
-    """False keeps the text encoder at its seeded random init, frozen, as Stable
-    Diffusion keeps CLIP frozen: words it was never trained on then still get
-    outputs of their own, so a DreamBooth identifier ("sks") is not read as
-    nothing (a jointly trained encoder learns to ignore every unused word)."""
     steps: int = 3000
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -344,9 +339,7 @@ def train_diffusion(
     from diffusers.training_utils import compute_snr
 
     unet, text_encoder, noise_scheduler = parts["unet"], parts["text_encoder"], parts["noise"]
-    modules = [unet, text_encoder] if config.train_text_encoder else [unet]
-    if not config.train_text_encoder:
-        text_encoder.requires_grad_(False).eval()
+    modules = [unet, text_encoder]
     params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
@@ -404,8 +397,7 @@ def train_diffusion(
                 f"unet step {step + 1}/{config.steps} loss {mean_loss:.4f} ({took:.0f} s)",
                 flush=True,
             )
-    copies = ema.copy_to(modules)
-    ema_unet, ema_text = (copies[0], copies[1] if config.train_text_encoder else text_encoder)
+    ema_unet, ema_text = ema.copy_to(modules)
     return ema_unet.eval(), ema_text.eval(), losses
 
 

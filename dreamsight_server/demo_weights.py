@@ -11,6 +11,8 @@ missing ``*-demo`` directory copies the trained model of its kind there when
 the tree has one (and its files match the manifest), instead of building a
 random one. ``refresh`` replaces demo directories that hold random weights
 from an older version by the trained models (``dreamsight up`` runs it).
+Installed elsewhere than a source checkout (the container images), the
+services look under ``$DREAMSIGHT_DEMO_MODELS`` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +31,16 @@ from dreamsight_server.demo_marker import read_marker
 MANIFEST_FILE = "manifest.json"
 COMMITTED_ROOT = Path(__file__).resolve().parents[1] / "models"
 """Where the trained demo models live in a source checkout."""
+ROOT_ENV = "DREAMSIGHT_DEMO_MODELS"
+"""Where they live otherwise (the images copy them to /opt/dreamsight/models)."""
+
+
+def trained_root() -> Path:
+    """``$DREAMSIGHT_DEMO_MODELS`` when set, else ``models/`` of the source tree."""
+    configured = os.environ.get(ROOT_ENV)
+    return Path(configured) if configured else COMMITTED_ROOT
+
+
 TRAINED = {"llava": "llava-shapes", "stable-diffusion": "sd-shapes"}
 """The committed trained model of each demo kind (the marker's ``kind``)."""
 
@@ -107,14 +120,16 @@ def verify(model_dir: Path) -> list[str]:
     return problems
 
 
-def trained_model(kind: str, root: Path = COMMITTED_ROOT) -> Path | None:
-    """The committed trained model of a demo kind, or None when the tree has none."""
+def trained_model(kind: str, root: Path | None = None) -> Path | None:
+    """The trained model of a demo kind under root (default :func:`trained_root`),
+    or None when there is none."""
+    root = trained_root() if root is None else root
     name = TRAINED.get(kind)
     path = root / name if name else None
     return path if path is not None and (path / MANIFEST_FILE).is_file() else None
 
 
-def install(kind: str, dest: Path, root: Path = COMMITTED_ROOT) -> bool:
+def install(kind: str, dest: Path, root: Path | None = None) -> bool:
     """Copy the trained model of a kind to dest (which must not exist).
 
     Returns False when there is no trained model; raises ValueError when its
@@ -135,7 +150,7 @@ def install(kind: str, dest: Path, root: Path = COMMITTED_ROOT) -> bool:
     return True
 
 
-def refresh(dest: Path, kind: str, root: Path = COMMITTED_ROOT) -> str:
+def refresh(dest: Path, kind: str, root: Path | None = None) -> str:
     """Make a demo directory hold the trained model when it holds random weights.
 
     Returns what was done: ``installed`` (it was missing), ``replaced`` (it
@@ -176,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     fresh.add_argument("targets", nargs="+", metavar="DIR=KIND")
     args = parser.parse_args(argv)
     if args.command == "verify":
-        dirs = args.dirs or [COMMITTED_ROOT / name for name in TRAINED.values()]
+        dirs = args.dirs or [trained_root() / name for name in TRAINED.values()]
         failed = False
         for model_dir in dirs:
             problems = verify(model_dir)

@@ -153,3 +153,31 @@ def test_random_demo_builders_are_unchanged(tmp_path: Path) -> None:
 
     marker = read_marker(demo_model.build(tmp_path / "llava-demo"))
     assert marker is not None and marker["weights"] == "random"
+
+
+def test_installed_elsewhere_the_environment_names_the_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside a source checkout (the images) DREAMSIGHT_DEMO_MODELS says where they are."""
+    root = tmp_path / "opt"
+    shutil.copytree(LLAVA, root / "llava-shapes")
+    monkeypatch.setenv(demo_weights.ROOT_ENV, str(root))
+    assert demo_weights.trained_model("llava") == root / "llava-shapes"
+    assert demo_weights.trained_model("stable-diffusion") is None
+    assert demo_weights.install("llava", tmp_path / "llava-demo")
+    assert not demo_weights.install("stable-diffusion", tmp_path / "sd-demo")
+
+
+@pytest.mark.parametrize(
+    ("image", "model"),
+    [
+        ("vision.cpu", "llava-shapes"),
+        ("vision.cuda", "llava-shapes"),
+        ("diffusion.cpu", "sd-shapes"),
+        ("diffusion.cuda", "sd-shapes"),
+    ],
+)
+def test_images_ship_the_trained_model(image: str, model: str) -> None:
+    dockerfile = (demo_weights.COMMITTED_ROOT.parent / "docker" / f"{image}.Dockerfile").read_text()
+    assert f"COPY models/{model} /opt/dreamsight/models/{model}" in dockerfile
+    assert f"{demo_weights.ROOT_ENV}=/opt/dreamsight/models" in dockerfile

@@ -1,6 +1,6 @@
 """Train the diffusion demo model: a tiny Stable Diffusion that draws shapes.
 
-    python -m diffusion_service.train_demo OUT [--threads N] [--set KEY=VALUE ...]
+    python -m diffusion_service.train_demo OUT [--threads N] [--seed N] [--set KEY=VALUE ...]
 
 A diffusers Stable Diffusion directory (VAE, CLIP text encoder with a small
 CLIP BPE vocabulary, UNet, DPM-Solver++ scheduler) making 64x64 images,

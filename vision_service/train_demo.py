@@ -1,6 +1,6 @@
 """Train the vision demo model: a tiny LLaVA-Llama-3 that knows shapes.
 
-    python -m vision_service.train_demo OUT [--threads N] [--steps N]
+    python -m vision_service.train_demo OUT [--threads N] [--steps N] [--seed N] [--set K=V ...]
 
 Starts from the layout of :mod:`vision_service.demo_model` (CLIP tower at
 112 px, patch 14, 64 image tokens; tiny Llama; byte-level BPE with the

@@ -4,7 +4,8 @@ Each service runs as its own process (``python -m vision_service`` ...) from
 the server packages installed beside the client; the client imports none of
 their code. The services put the demo models in place on first run: the
 small models trained on synthetic shapes that come with the source tree
-(``models/``), or random-weight ones where the tree has none. Random-weight
+(``models/``, or ``$DREAMSIGHT_DEMO_MODELS``), or random-weight ones where
+there are none. Random-weight
 demo models left in HOME by an older version are swapped for the trained
 ones first (``python -m dreamsight_server.demo_weights refresh``). A demo API key
 is minted through the AdminService with a per-run admin token and kept in

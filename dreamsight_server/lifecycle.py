@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,15 @@ class TlsFiles:
         ca = Path(self.client_ca).read_bytes() if self.client_ca else None
         pair = [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())]
         return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=bool(ca))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same for an HTTP port (the gateway's Ollama and OpenAI APIs)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca:
+            context.load_verify_locations(self.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
 def add_tls_arguments(parser: Any, env: Callable[[str, str], str]) -> None:

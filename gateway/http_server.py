@@ -16,6 +16,7 @@ import logging
 import grpc
 from aiohttp import web
 
+from dreamsight_server.lifecycle import TlsFiles
 from gateway import ollama_api, openai_api
 from gateway.core import GatewayCore
 from gateway.http_common import Upstream
@@ -62,13 +63,15 @@ async def start_http(
     host: str,
     port: int,
     max_body_bytes: int,
+    tls: TlsFiles | None = None,
 ) -> HttpServer:
-    """Serve the HTTP APIs on host:port (0 picks a free port)."""
+    """Serve the HTTP APIs on host:port (0 picks a free port); HTTPS with tls."""
     app = build_app(Upstream(core, vision, diffusion), max_body_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls.ssl_context() if tls else None)
     await site.start()
     server = HttpServer(runner, site)
-    log.info("HTTP (Ollama /api, OpenAI /v1) on %s:%d", host, server.port)
+    scheme = "HTTPS" if tls else "HTTP"
+    log.info("%s (Ollama /api, OpenAI /v1) on %s:%d", scheme, host, server.port)
     return server

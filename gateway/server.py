@@ -116,7 +116,13 @@ async def start_gateway(
     if settings.http_port is not None:
         try:
             gateway.http = await start_http(
-                core, vision, diffusion, settings.server.host, settings.http_port, max_bytes
+                core,
+                vision,
+                diffusion,
+                settings.server.host,
+                settings.http_port,
+                max_bytes,
+                settings.server.tls,
             )
         except BaseException:  # e.g. the port is taken: leave nothing running
             await gateway.stop(0)

@@ -1,10 +1,12 @@
-"""TLS on the gateway's public port and mTLS between gateway and backends."""
+"""TLS on the gateway's public ports (gRPC and HTTP) and mTLS between gateway and backends."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 
+import aiohttp
 import dreamsight
 import grpc
 import pytest
@@ -40,7 +42,7 @@ async def test_tls_front_and_mtls_to_backends(tmp_path: Path) -> None:
             backend_tls_ca=str(ca.pem.cert),
             backend_tls_cert=str(gateway_client_pem.cert),
             backend_tls_key=str(gateway_client_pem.key),
-            http_port=None,
+            http_port=0,
             server=ServerOptions(
                 metrics_port=None,
                 tls=TlsFiles(str(gateway_server_pem.cert), str(gateway_server_pem.key)),
@@ -73,6 +75,23 @@ async def test_tls_front_and_mtls_to_backends(tmp_path: Path) -> None:
                     pass
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert fake.tenants == ["secure"]
+
+        # The Ollama/OpenAI HTTP port serves HTTPS with the same certificate.
+        assert gateway.http_port is not None
+        trusting = ssl.create_default_context(cafile=str(ca.pem.cert))
+        body = {"model": "llava-demo", "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession() as http:
+            url = f"https://localhost:{gateway.http_port}/api/chat"
+            async with http.post(url, json={**body, "stream": False}, headers=headers,
+                                 ssl=trusting) as response:  # fmt: skip
+                assert response.status == 200, await response.text()
+                assert (await response.json())["done"] is True
+            with pytest.raises(aiohttp.ClientError):
+                await http.get(f"http://localhost:{gateway.http_port}/api/version")
+            with pytest.raises(aiohttp.ClientSSLError):  # a CA it does not trust
+                await http.get(f"https://localhost:{gateway.http_port}/api/version")
+        assert fake.tenants == ["secure", "secure"]
     finally:
         await gateway.stop(0)
         await backend.stop(0)

@@ -46,7 +46,7 @@ import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from diffusion_service.artifacts import (
@@ -425,7 +425,6 @@ class TrainingManager:
         return job
 
     def _info(self, job: StoredJob) -> TrainingJobInfo:
-        p = job.params
         gpu = job.gpu_seconds
         worker = self._workers.get(job.job_id)
         if worker is not None and not job.state.terminal:
@@ -434,21 +433,7 @@ class TrainingManager:
             job_id=job.job_id,
             owner=job.tenant,
             state=job.state,
-            settings=TrainingSettingsView(
-                base_model=p.base_model,
-                instance_prompt=p.instance_prompt,
-                class_prompt=p.class_prompt,
-                num_class_images=p.num_class_images,
-                prior_loss_weight=p.prior_loss_weight,
-                max_train_steps=p.max_train_steps,
-                learning_rate=p.learning_rate,
-                train_text_encoder=p.train_text_encoder,
-                resolution=p.resolution,
-                seed=p.seed,
-                checkpoint_interval=p.checkpoint_interval,
-                validation_prompt=p.validation_prompt,
-                output_model_name=job.model_name,
-            ),
+            settings=TrainingSettingsView(**_shown(job.params), output_model_name=job.model_name),
             step=job.step,
             create_time=job.create_time,
             end_time=job.end_time,
@@ -750,6 +735,12 @@ class TrainingManager:
         if late:
             log.warning("training job %s: worker ignored the cancel; killing it", worker.job.job_id)
             self._kill(worker)
+
+
+def _shown(params: JobParams) -> dict[str, Any]:
+    """The job parameters a TrainingSettingsView reports, by field name."""
+    named = {f.name for f in fields(TrainingSettingsView)} - {"output_model_name"}
+    return {name: getattr(params, name) for name in named}
 
 
 def _default_name(base_model: str, job_id: str) -> str:

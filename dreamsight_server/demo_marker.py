@@ -41,44 +41,32 @@ def write_marker(
         **details,
     }
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    if weights != "random":
-        _write_trained_card(out_dir, kind, seed, builder, knows, details, training)
-        return
+    if weights == "random":
+        intro = [
+            f"# dreamsight demo model ({kind}): a toy, not a real model",
+            "",
+            "Built locally by dreamsight with random weights so that the whole system",
+            f"runs offline on a CPU. It proves the plumbing; it knows {knows}.",
+        ]
+        how = [f"- rebuilt with: `{builder} DIR --seed {seed}` (same seed, same bytes)"]
+    else:
+        intro = [
+            f"# dreamsight demo model ({kind}): a toy, trained on synthetic shapes",
+            "",
+            "Trained by dreamsight on CPU, on generated images of one flat shape on white,",
+            "so that the whole system runs offline and what it answers or draws can be",
+            f"checked by a deterministic judge (shapes.judge). It knows {knows},",
+            "and nothing else: it is a toy, not a model for real images.",
+        ]
+        how = [
+            *[f"- {line}" for line in training],
+            f"- retrained with: `{builder} DIR --seed {seed}` (seeded, torch threads pinned;",
+            "  the committed files' sha256 and the training configuration are in manifest.json)",
+        ]
     lines = [
-        f"# dreamsight demo model ({kind}): a toy, not a real model",
+        *intro,
         "",
-        "Built locally by dreamsight with random weights so that the whole system",
-        f"runs offline on a CPU. It proves the plumbing; it knows {knows}.",
-        "",
-        f"- rebuilt with: `{builder} DIR --seed {seed}` (same seed, same bytes)",
-        *[f"- {key}: {value}" for key, value in sorted(details.items())],
-        "",
-        "For real use, point the service at a Hugging Face directory or hub id.",
-        "",
-    ]
-    (out_dir / "README.md").write_text("\n".join(lines))
-
-
-def _write_trained_card(
-    out_dir: Path,
-    kind: str,
-    seed: int,
-    builder: str,
-    knows: str,
-    details: dict[str, Any],
-    training: Sequence[str],
-) -> None:
-    lines = [
-        f"# dreamsight demo model ({kind}): a toy, trained on synthetic shapes",
-        "",
-        "Trained by dreamsight on CPU, on generated images of one flat shape on white,",
-        "so that the whole system runs offline and what it answers or draws can be",
-        f"checked by a deterministic judge (shapes.judge). It knows {knows},",
-        "and nothing else: it is a toy, not a model for real images.",
-        "",
-        *[f"- {line}" for line in training],
-        f"- retrained with: `{builder} DIR --seed {seed}` (seeded, torch threads pinned;",
-        "  the committed files' sha256 and the training configuration are in manifest.json)",
+        *how,
         *[f"- {key}: {value}" for key, value in sorted(details.items())],
         "",
         "For real use, point the service at a Hugging Face directory or hub id.",

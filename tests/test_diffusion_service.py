@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from diffusion_service.config import (
 from diffusion_service.engine import DiffusersEngine
 from diffusion_service.server import DiffusionService, start_service
 from dreamsight_server.lifecycle import ServerOptions
+from tests.metrics_scrape import metrics_samples
 
 pytestmark = pytest.mark.slow
 
@@ -406,17 +406,6 @@ async def test_fine_tuned_models_belong_to_their_tenant(diffusion: DiffusionHand
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def _scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
-
-
 async def test_lru_eviction_reloads_the_model(diffusion: DiffusionHandle) -> None:
     engine = diffusion.engine
     port = diffusion.service.server.metrics_port
@@ -427,12 +416,12 @@ async def test_lru_eviction_reloads_the_model(diffusion: DiffusionHandle) -> Non
     await generate(diffusion, "tenant-l", model="sd-demo", steps=1)
     assert engine.loaded_models() == ["sd-demo"]
     loads = "dreamsight_diffusion_model_loads_total"
-    before = (await asyncio.to_thread(_scrape, port))[loads]
+    before = (await asyncio.to_thread(metrics_samples, port))[loads]
     await generate(diffusion, "tenant-l", model="lru-dog", steps=1)
     assert engine.loaded_models() == ["lru-dog"], "one pipeline fits; sd-demo was evicted"
     await generate(diffusion, "tenant-l", model="sd-demo", steps=1)
     assert engine.loaded_models() == ["sd-demo"]
-    after = await asyncio.to_thread(_scrape, port)
+    after = await asyncio.to_thread(metrics_samples, port)
     assert after[loads] == before + 2, "lru-dog loaded, then sd-demo reloaded"
     assert after["dreamsight_diffusion_models_loaded"] == 1
 
@@ -440,11 +429,11 @@ async def test_lru_eviction_reloads_the_model(diffusion: DiffusionHandle) -> Non
 async def test_metrics_are_exposed_and_move(diffusion: DiffusionHandle) -> None:
     port = diffusion.service.server.metrics_port
     assert port
-    before = await asyncio.to_thread(_scrape, port)
+    before = await asyncio.to_thread(metrics_samples, port)
     await generate(diffusion, steps=2, num_images=2, scheduler="ddim")
     with pytest.raises(grpc.aio.AioRpcError):
         await generate(diffusion, steps=0)
-    after = await asyncio.to_thread(_scrape, port)
+    after = await asyncio.to_thread(metrics_samples, port)
     ok = 'dreamsight_diffusion_requests_total{method="Generate",outcome="ok"}'
     bad = 'dreamsight_diffusion_requests_total{method="Generate",outcome="invalid_argument"}'
     assert after[ok] == before.get(ok, 0) + 1

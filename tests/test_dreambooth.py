@@ -14,7 +14,6 @@ import io
 import math
 import os
 import signal
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from diffusion_service.server import DiffusionService, start_service
 from diffusion_service.training import TrainingManager
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
+from tests.metrics_scrape import metrics_samples
 
 pytestmark = pytest.mark.slow
 
@@ -228,17 +228,6 @@ def weights(model_dir: Path, part: str) -> dict[str, Any]:
 
 def same_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
 
 
 # The parts that need no service: data, loss, frozen VAE, defaults, names.
@@ -626,7 +615,7 @@ async def test_job_trains_exports_and_its_model_generates(training: Training, sd
 
     port = training.service.server.metrics_port
     assert port
-    metrics = await asyncio.to_thread(scrape, port)
+    metrics = await asyncio.to_thread(metrics_samples, port)
     assert metrics['dreamsight_diffusion_training_jobs_total{state="succeeded"}'] >= 1
     assert metrics["dreamsight_diffusion_training_steps_total"] >= 4
     assert metrics["dreamsight_diffusion_training_gpu_seconds_total"] >= done.usage.gpu_seconds

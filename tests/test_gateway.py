@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tests.gateway_helpers import (
     gateway_for,
     new_key,
 )
+from tests.metrics_scrape import metrics_text
 
 
 @pytest.fixture
@@ -319,11 +319,6 @@ async def test_admin_needs_the_admin_token(gateway: Gateway, channel: grpc.aio.C
     assert (caught.value.details() or "").startswith("tenant:")
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return str(response.read().decode())
-
-
 async def test_metrics_count_by_code_and_tier_without_keys(
     gateway: Gateway, channel: grpc.aio.Channel
 ) -> None:
@@ -332,7 +327,7 @@ async def test_metrics_count_by_code_and_tier_without_keys(
     with pytest.raises(grpc.aio.AioRpcError):
         await collect(channel, "hi", bearer("ds_0123456789ab_" + "y" * 30))
     assert gateway.server.metrics_port
-    text = await asyncio.to_thread(_scrape, gateway.server.metrics_port)
+    text = await asyncio.to_thread(metrics_text, gateway.server.metrics_port)
     assert (
         'dreamsight_gateway_requests_total{code="OK",method="Chat",protocol="grpc",'
         'service="VisionService",tier="pro"} 1.0' in text

@@ -28,7 +28,6 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.server import start_gateway
 from gateway.tiers import load_tiers
 from tests.conftest import VisionHandle
+from tests.metrics_scrape import metrics_text
 from vision_service.config import parse_settings as parse_vision
 from vision_service.metrics import VisionMetrics
 
@@ -709,12 +709,6 @@ def test_servicemonitors_yield_the_jobs_and_labels_rules_expect(
 # --- the metrics exist on the real services --------------------------------
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text: str = response.read().decode()
-        return text
-
-
 def _exposed(text: str) -> set[str]:
     """Sample names a scrape offers, from its TYPE lines (labelled series
     that have no sample yet still declare their type)."""
@@ -756,7 +750,7 @@ async def exposed_metrics(
             gateway.server.metrics_port,
         ]
         names: set[str] = set()
-        for text in await asyncio.gather(*(asyncio.to_thread(_scrape, p) for p in ports)):
+        for text in await asyncio.gather(*(asyncio.to_thread(metrics_text, p) for p in ports)):
             names |= _exposed(text)
         yield names
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import urllib.request
 from typing import Any
 
 import grpc
@@ -18,6 +17,7 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from tests.conftest import VisionHandle
+from tests.metrics_scrape import metrics_samples
 
 pytestmark = pytest.mark.slow
 
@@ -317,23 +317,12 @@ async def test_list_and_get_models_report_the_demo_model(vision: VisionHandle) -
     assert got.model == model
 
 
-def _scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
-
-
 async def test_metrics_are_exposed_and_move(vision: VisionHandle) -> None:
     port = vision.service.server.metrics_port
     assert port
-    before = await asyncio.to_thread(_scrape, port)
+    before = await asyncio.to_thread(metrics_samples, port)
     _, final = await chat(vision, user("Count.", png("red")), options=greedy(5))
-    after = await asyncio.to_thread(_scrape, port)
+    after = await asyncio.to_thread(metrics_samples, port)
     ok = 'dreamsight_vision_requests_total{method="Chat",outcome="ok"}'
     assert after[ok] == before.get(ok, 0) + 1
     completion = "dreamsight_vision_completion_tokens_total"

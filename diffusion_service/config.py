@@ -1,23 +1,29 @@
 """The diffusion service's one typed settings object.
 
-Built in ``main()`` from flags, whose defaults come from
-``DREAMSIGHT_DIFFUSION_*`` environment variables; nothing is read at import
-time. The gateway secret is read from the environment or a file only, never
-from a flag, so it does not show in process listings.
+Each setting is declared once below (default, help, limits); ``--help``
+lists them with their ``DREAMSIGHT_DIFFUSION_*`` variables. Built in
+``main()``; nothing is read at import time. The gateway secret comes from
+the environment or a file only, never from a flag (``ps`` shows flags).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
+from dreamsight_server.settings import (
+    SettingsError,
+    gateway_secret_setting,
+    group,
+    parse,
+    setting,
+)
 
-DEMO_MODEL_DIR = Path(".dreamsight/models/sd-demo")
+ENV_PREFIX = "DREAMSIGHT_DIFFUSION_"
 TRAINING_DIR = Path(".dreamsight/training")
 MAX_INSTANCE_IMAGES = 20
 # A CreateTrainingJob carries the subject's photos (often several MB each):
@@ -48,21 +54,30 @@ class BaseModel:
 class Limits:
     """What one Generate request may ask for."""
 
-    min_size: int = 64
-    max_size: int = 1024
-    max_steps: int = 150
-    default_steps: int = 25
-    max_guidance_scale: float = 50.0
-    default_guidance_scale: float = 7.5
-    max_images: int = 4
+    min_size: int = setting(64, "smallest width or height in pixels", minimum=8)
+    max_size: int = setting(1024, "largest width or height in pixels", minimum=8)
+    max_steps: int = setting(150, "most denoising steps a request may ask for", minimum=1)
+    default_steps: int = setting(25, "denoising steps when a request sets none", minimum=1)
+    max_guidance_scale: float = setting(50.0, "largest guidance scale", minimum=0)
+    default_guidance_scale: float = setting(
+        7.5, "guidance scale when a request sets none", minimum=0
+    )
+    max_images: int = setting(4, "images one request may ask for", minimum=1)
 
 
 @dataclass(frozen=True)
 class TrainingLimits:
     """What one CreateTrainingJob request may ask for."""
 
-    max_instance_images: int = MAX_INSTANCE_IMAGES
-    max_train_steps: int = 5000
+    max_instance_images: int = setting(
+        MAX_INSTANCE_IMAGES,
+        f"subject photos one job may carry (at most {MAX_INSTANCE_IMAGES})",
+        flag="max-images",
+        minimum=1,
+    )
+    max_train_steps: int = setting(
+        5000, "most steps one job may ask for", flag="max-steps", minimum=1
+    )
     max_learning_rate: float = 1e-3
     min_resolution: int = 64
     max_resolution: int = 1024
@@ -77,62 +92,71 @@ class TrainingLimits:
 class TrainingSettings:
     """DreamBooth jobs: where they live, how many run, on what."""
 
-    store: Path = TRAINING_DIR / "jobs.sqlite3"
-    """The SQLite job store (created on the first job)."""
-    artifacts_dir: Path = TRAINING_DIR
-    """Job work directories, the class-image cache and the fine-tuned models."""
-    defaults_file: Path | None = None
-    """The DreamBooth defaults (YAML); None is the packaged dreambooth_defaults.yaml."""
-    concurrency: int = 1
-    """Jobs training at once, each in its own worker process; 0 accepts and
-    queues jobs but runs none (a replica that only serves generation)."""
-    max_crashes: int = 2
-    """Worker deaths (not shutdowns) a job survives by resuming; one more fails it."""
-    accelerator: str = "auto"
-    """Lightning's accelerator: auto, cpu, gpu."""
-    devices: int = 1
-    """Devices per job (Lightning's devices); GPU-seconds are devices times wall time."""
-    strategy: str = "auto"
-    """Lightning's strategy, e.g. ddp across several GPUs."""
-    torch_threads: int = 1
-    """Intra-op threads of each worker process."""
+    store: Path = setting(TRAINING_DIR / "jobs.sqlite3", "the SQLite job store (made on first use)")
+    artifacts_dir: Path = setting(
+        TRAINING_DIR,
+        "job work directories, the class-image cache and the fine-tuned models",
+        flag="--artifacts-dir",
+    )
+    defaults_file: Path | None = setting(
+        None,
+        "DreamBooth defaults (YAML); none: the packaged dreambooth_defaults.yaml",
+        flag="defaults",
+    )
+    concurrency: int = setting(
+        1,
+        "jobs training at once, each in its own worker process; 0 queues jobs but runs none "
+        "(a replica that only generates)",
+        minimum=0,
+    )
+    max_crashes: int = setting(
+        2, "worker deaths (not shutdowns) a job survives by resuming; one more fails it", minimum=0
+    )
+    accelerator: str = setting("auto", "Lightning's accelerator: auto, cpu, gpu")
+    devices: int = setting(
+        1, "devices per job (GPU-seconds are devices times wall time)", minimum=1
+    )
+    strategy: str = setting("auto", "Lightning's strategy, e.g. ddp across several GPUs")
+    torch_threads: int = setting(1, "intra-op threads of each training worker", minimum=1)
     stop_grace_s: float = 30.0
-    """On shutdown: time for workers to checkpoint and exit before they are killed."""
+    """On shutdown: time for workers to checkpoint and exit before they are killed
+    (the service's --grace-seconds)."""
     cancel_grace_s: float = 10.0
     """On cancel: time for a worker to stop after its step before it is killed."""
-    limits: TrainingLimits = field(default_factory=TrainingLimits)
+    limits: TrainingLimits = group(TrainingLimits)
 
 
 @dataclass(frozen=True)
 class DiffusionSettings:
     """Everything the diffusion service needs to start."""
 
-    models: tuple[BaseModel, ...] = (BaseModel("sd-demo", str(DEMO_MODEL_DIR)),)
-    """Base models; the first is the default (used when a request names none)."""
-    build_demo_model: bool = True
-    """Build the tiny demo pipeline at a missing ``*-demo`` model directory."""
-    max_loaded_models: int = 2
-    """Pipelines kept in memory (least recently used evicted first)."""
-    concurrency: int = 1
-    """Generations running at once, each in its own worker thread."""
-    max_queue: int = 8
-    """Generations waiting for a worker; more get RESOURCE_EXHAUSTED."""
-    torch_threads: int = 1
-    """Intra-op threads of each worker (torch.set_num_threads)."""
-    device: str = "auto"
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ..."""
-    dtype: str = "auto"
-    """``auto`` (float16 on CUDA, float32 on CPU), ``float32``, ``float16``, ``bfloat16``."""
-    devices_per_worker: float = 1.0
-    """Accelerators each request shares for GPU-second metering (g in g*dt/n)."""
-    limits: Limits = field(default_factory=Limits)
-    training: TrainingSettings = field(default_factory=TrainingSettings)
-    gateway_secret: str = ""
-    """Shared secret the gateway sends; empty trusts the tenant header as is."""
-    server: ServerOptions = field(
-        default_factory=lambda: ServerOptions(
-            port=50053, metrics_port=9103, max_receive_bytes=MAX_REQUEST_BYTES
-        )
+    models: tuple[BaseModel, ...] = setting(
+        (),
+        "base model as NAME=SOURCE or SOURCE, a diffusers directory or hub id; the first is "
+        "the default (required)",
+        flag="model",
+        env="MODELS",
+        parse=BaseModel.parse,
+        repeat=True,
+    )
+    max_loaded_models: int = setting(
+        2, "pipelines kept in memory (least recently used evicted first)", minimum=1
+    )
+    concurrency: int = setting(1, "generations running at once, each in a worker thread", minimum=1)
+    max_queue: int = setting(8, "generations waiting for a worker; more are refused", minimum=0)
+    torch_threads: int = setting(1, "intra-op threads of each generation worker", minimum=1)
+    device: str = setting("auto", "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
+    dtype: str = setting(
+        "auto", "auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16"
+    )
+    devices_per_worker: float = setting(
+        1.0, "accelerators each request shares, for GPU-second metering (g in g*dt/n)", minimum=0
+    )
+    limits: Limits = group(Limits)
+    training: TrainingSettings = group(TrainingSettings, prefix="training-")
+    gateway_secret: str = gateway_secret_setting()
+    server: ServerOptions = group(
+        lambda: ServerOptions(port=50053, metrics_port=9103, max_receive_bytes=MAX_REQUEST_BYTES)
     )
 
     @property
@@ -141,176 +165,27 @@ class DiffusionSettings:
         return self.models[0]
 
 
-def _env(env: Mapping[str, str], name: str, default: str) -> str:
-    return env.get(f"DREAMSIGHT_DIFFUSION_{name}", default)
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return number
-
-
 def parse_settings(
     argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 ) -> DiffusionSettings:
-    """Settings from flags, defaulting to DREAMSIGHT_DIFFUSION_* variables."""
-    env = os.environ if env is None else env
-    d = DiffusionSettings()
-    lim = d.limits
-    p = argparse.ArgumentParser(
-        prog="python -m diffusion_service", description="dreamsight diffusion"
+    """Settings from flags, then DREAMSIGHT_DIFFUSION_* variables, then the defaults."""
+    s = parse(
+        DiffusionSettings,
+        argv,
+        os.environ if env is None else env,
+        ENV_PREFIX,
+        prog="python -m diffusion_service",
+        description="dreamsight diffusion: Stable Diffusion generation and DreamBooth training",
     )
-    default_models = _env(env, "MODELS", f"{d.models[0].name}={d.models[0].source}")
-    p.add_argument(
-        "--model",
-        dest="models",
-        action="append",
-        help="NAME=SOURCE or SOURCE (repeatable; the first is the default); "
-        "env DREAMSIGHT_DIFFUSION_MODELS takes a comma-separated list",
-    )
-    p.add_argument(
-        "--no-build-demo-model",
-        dest="build_demo_model",
-        action="store_false",
-        default=_env(env, "BUILD_DEMO_MODEL", "1") not in ("0", "false", "no"),
-    )
-    p.add_argument(
-        "--max-loaded-models", type=_positive, default=int(_env(env, "MAX_LOADED_MODELS", "2"))
-    )
-    p.add_argument("--concurrency", type=_positive, default=int(_env(env, "CONCURRENCY", "1")))
-    p.add_argument("--max-queue", type=int, default=int(_env(env, "MAX_QUEUE", "8")))
-    p.add_argument("--torch-threads", type=_positive, default=int(_env(env, "TORCH_THREADS", "1")))
-    p.add_argument("--device", default=_env(env, "DEVICE", "auto"))
-    p.add_argument("--dtype", default=_env(env, "DTYPE", "auto"))
-    p.add_argument(
-        "--devices-per-worker", type=float, default=float(_env(env, "DEVICES_PER_WORKER", "1"))
-    )
-    p.add_argument("--min-size", type=_positive, default=int(_env(env, "MIN_SIZE", "64")))
-    p.add_argument("--max-size", type=_positive, default=int(_env(env, "MAX_SIZE", "1024")))
-    p.add_argument("--max-steps", type=_positive, default=int(_env(env, "MAX_STEPS", "150")))
-    p.add_argument("--default-steps", type=_positive, default=int(_env(env, "DEFAULT_STEPS", "25")))
-    p.add_argument(
-        "--max-guidance-scale",
-        type=float,
-        default=float(_env(env, "MAX_GUIDANCE_SCALE", str(lim.max_guidance_scale))),
-    )
-    p.add_argument(
-        "--default-guidance-scale",
-        type=float,
-        default=float(_env(env, "DEFAULT_GUIDANCE_SCALE", str(lim.default_guidance_scale))),
-    )
-    p.add_argument("--max-images", type=_positive, default=int(_env(env, "MAX_IMAGES", "4")))
-    p.add_argument(
-        "--gateway-secret-file",
-        type=Path,
-        default=_env(env, "GATEWAY_SECRET_FILE", "") or None,
-        help="file holding the gateway secret (or set DREAMSIGHT_DIFFUSION_GATEWAY_SECRET)",
-    )
-    t = d.training
-    p.add_argument(
-        "--training-store", type=Path, default=Path(_env(env, "TRAINING_STORE", str(t.store)))
-    )
-    p.add_argument(
-        "--artifacts-dir", type=Path, default=Path(_env(env, "ARTIFACTS_DIR", str(t.artifacts_dir)))
-    )
-    p.add_argument(
-        "--training-defaults",
-        type=Path,
-        default=_env(env, "TRAINING_DEFAULTS", "") or None,
-        help="DreamBooth defaults YAML (default: the packaged dreambooth_defaults.yaml)",
-    )
-    p.add_argument(
-        "--training-concurrency", type=int, default=int(_env(env, "TRAINING_CONCURRENCY", "1"))
-    )
-    p.add_argument(
-        "--training-max-crashes", type=int, default=int(_env(env, "TRAINING_MAX_CRASHES", "2"))
-    )
-    p.add_argument("--training-accelerator", default=_env(env, "TRAINING_ACCELERATOR", "auto"))
-    p.add_argument(
-        "--training-devices", type=_positive, default=int(_env(env, "TRAINING_DEVICES", "1"))
-    )
-    p.add_argument("--training-strategy", default=_env(env, "TRAINING_STRATEGY", "auto"))
-    p.add_argument(
-        "--training-torch-threads",
-        type=_positive,
-        default=int(_env(env, "TRAINING_TORCH_THREADS", "1")),
-    )
-    p.add_argument(
-        "--training-max-steps",
-        type=_positive,
-        default=int(_env(env, "TRAINING_MAX_STEPS", str(t.limits.max_train_steps))),
-    )
-    p.add_argument(
-        "--training-max-images",
-        type=_positive,
-        default=int(_env(env, "TRAINING_MAX_IMAGES", str(t.limits.max_instance_images))),
-    )
-    p.add_argument("--host", default=_env(env, "HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(_env(env, "PORT", "50053")))
-    p.add_argument("--metrics-port", type=int, default=int(_env(env, "METRICS_PORT", "9103")))
-    p.add_argument("--grace-seconds", type=float, default=float(_env(env, "GRACE_SECONDS", "30")))
-    a = p.parse_args(argv)
-    raw_models = a.models or [m for m in default_models.split(",") if m.strip()]
-    try:
-        models = tuple(BaseModel.parse(m.strip()) for m in raw_models)
-    except ValueError as error:
-        p.error(str(error))
-    if not models:
-        p.error("at least one --model is required")
-    if len({m.name for m in models}) != len(models):
-        p.error("base model names must be unique")
-    limits = Limits(
-        min_size=a.min_size,
-        max_size=a.max_size,
-        max_steps=a.max_steps,
-        default_steps=min(a.default_steps, a.max_steps),
-        max_guidance_scale=a.max_guidance_scale,
-        default_guidance_scale=a.default_guidance_scale,
-        max_images=a.max_images,
-    )
-    if limits.min_size > limits.max_size:
-        p.error("--min-size is larger than --max-size")
-    secret = _env(env, "GATEWAY_SECRET", "")
-    if a.gateway_secret_file is not None:
-        secret = a.gateway_secret_file.read_text().strip()
-    if a.training_max_images > MAX_INSTANCE_IMAGES:
-        p.error(f"--training-max-images is at most {MAX_INSTANCE_IMAGES}")
-    training = TrainingSettings(
-        store=a.training_store,
-        artifacts_dir=a.artifacts_dir,
-        defaults_file=a.training_defaults,
-        concurrency=max(0, a.training_concurrency),
-        max_crashes=max(0, a.training_max_crashes),
-        accelerator=a.training_accelerator,
-        devices=a.training_devices,
-        strategy=a.training_strategy,
-        torch_threads=a.training_torch_threads,
-        stop_grace_s=a.grace_seconds,
-        limits=TrainingLimits(
-            max_train_steps=a.training_max_steps,
-            max_instance_images=a.training_max_images,
-        ),
-    )
-    return DiffusionSettings(
-        models=models,
-        build_demo_model=a.build_demo_model,
-        max_loaded_models=a.max_loaded_models,
-        concurrency=a.concurrency,
-        max_queue=max(0, a.max_queue),
-        torch_threads=a.torch_threads,
-        device=a.device,
-        dtype=a.dtype,
-        devices_per_worker=a.devices_per_worker,
-        limits=limits,
-        training=training,
-        gateway_secret=secret,
-        server=ServerOptions(
-            host=a.host,
-            port=a.port,
-            metrics_port=a.metrics_port,
-            grace_s=a.grace_seconds,
-            max_receive_bytes=MAX_REQUEST_BYTES,
-        ),
-    )
+    if not s.models:
+        raise SettingsError("--model: at least one base model is required")
+    if len({m.name for m in s.models}) != len(s.models):
+        raise SettingsError("--model: base model names must be unique")
+    if s.limits.min_size > s.limits.max_size:
+        raise SettingsError("--min-size is larger than --max-size")
+    if s.training.limits.max_instance_images > MAX_INSTANCE_IMAGES:
+        raise SettingsError(f"--training-max-images is at most {MAX_INSTANCE_IMAGES}")
+    limits = replace(s.limits, default_steps=min(s.limits.default_steps, s.limits.max_steps))
+    training = replace(s.training, stop_grace_s=s.server.grace_s)
+    server = replace(s.server, max_receive_bytes=MAX_REQUEST_BYTES)
+    return replace(s, limits=limits, training=training, server=server)

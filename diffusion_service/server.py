@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from dreamsight.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from prometheus_client import CollectorRegistry
@@ -20,7 +19,7 @@ from diffusion_service.registry import ModelRegistry
 from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.training import TrainingManager
 from dreamsight_server.errors import ErrorTable
-from dreamsight_server.lifecycle import GrpcServer, on_shutdown_signals
+from dreamsight_server.lifecycle import GrpcServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
@@ -56,33 +55,10 @@ class DiffusionService:
         self.engine.shutdown()
 
 
-def prepare_model(settings: DiffusionSettings) -> None:
-    """Put the tiny demo pipeline in place on first run when the settings point at one.
-
-    A missing local directory whose name ends in ``-demo`` gets the trained
-    demo pipeline committed with the source (``models/sd-shapes``), or, where
-    the tree has none, a random-weight one built on the spot; any other
-    source is left to diffusers (a hub id or an existing directory).
-    """
-    for model in settings.models:
-        path = Path(model.source)
-        if settings.build_demo_model and not path.exists() and path.name.endswith("-demo"):
-            from dreamsight_server import demo_weights
-
-            if demo_weights.install("stable-diffusion", path):
-                log.info("copied the trained demo Stable Diffusion (shapes) into %s", path)
-                continue
-            from diffusion_service import demo_model
-
-            log.info("building the demo Stable Diffusion (random weights) into %s", path)
-            demo_model.build(path)
-
-
 async def start_service(
     settings: DiffusionSettings, registry: CollectorRegistry | None = None
 ) -> DiffusionService:
     """Start serving (NOT_SERVING) without loading the model yet."""
-    await asyncio.to_thread(prepare_model, settings)
     t = settings.training
     defaults = await asyncio.to_thread(load_defaults, t.defaults_file)
     check_defaults(defaults, t)
@@ -115,25 +91,3 @@ def check_defaults(defaults: Defaults, settings: TrainingSettings) -> None:
             f"the DreamBooth defaults' resolution {resolution} is outside "
             f"{limits.min_resolution} to {limits.max_resolution}"
         )
-
-
-async def run(settings: DiffusionSettings) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
-    service = await start_service(settings)
-    stopping = asyncio.Event()
-    on_shutdown_signals(stopping.set)
-    log.info("diffusion listening on %s:%d (loading model)", settings.server.host, service.port)
-    loader = asyncio.create_task(service.load())
-    stopper = asyncio.create_task(stopping.wait())
-    await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if loader.done() and loader.exception() is not None:
-        # Without its default model the service can never serve: exit, so
-        # the supervisor (Kubernetes, the one-machine launcher) sees it.
-        log.error("loading the default model failed", exc_info=loader.exception())
-        stopper.cancel()
-        await service.stop(0)
-        raise SystemExit(1)
-    await stopper
-    log.info("diffusion shutting down (grace %.0fs)", settings.server.grace_s)
-    loader.cancel()
-    await service.stop()

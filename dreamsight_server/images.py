@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dreamsight_server.errors import InvalidArgument
+from dreamsight_server.settings import setting
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -24,8 +25,12 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 class ImageLimits:
     """The largest image a service accepts."""
 
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 4096 * 4096
+    max_bytes: int = setting(
+        20 * 1024 * 1024, "largest encoded image in bytes", flag="max-image-bytes", minimum=1
+    )
+    max_pixels: int = setting(
+        4096 * 4096, "largest decoded image in pixels", flag="max-image-pixels", minimum=1
+    )
     max_side: int = 8192
 
 

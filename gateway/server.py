@@ -12,7 +12,7 @@ from dreamsight.gateway.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb
 from dreamsight.vision.v1 import vision_pb2
 from prometheus_client import CollectorRegistry
 
-from dreamsight_server.lifecycle import GrpcServer, on_shutdown_signals
+from dreamsight_server.lifecycle import GrpcServer
 from gateway.admission import Limiter, LocalLimiter, RedisLimiter
 from gateway.budgets import Budgets
 from gateway.config import GatewaySettings
@@ -55,6 +55,9 @@ class Gateway:
     def http_port(self) -> int | None:
         """The bound HTTP port, or None when HTTP is off."""
         return self.http.port if self.http else None
+
+    async def load(self) -> None:
+        """Nothing to load: the gateway serves once started (lifecycle.serve calls this)."""
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, drain within the grace period, close backends and the store."""
@@ -129,14 +132,3 @@ async def start_gateway(
             raise
     await server.set_serving(True)
     return gateway
-
-
-async def run(settings: GatewaySettings) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
-    gateway = await start_gateway(settings)
-    log.info("gateway listening on %s:%d (gRPC)", settings.server.host, gateway.port)
-    stopping = asyncio.Event()
-    on_shutdown_signals(stopping.set)
-    await stopping.wait()
-    log.info("gateway shutting down (grace %.0fs)", settings.server.grace_s)
-    await gateway.stop()

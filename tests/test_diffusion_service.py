@@ -10,12 +10,8 @@ from __future__ import annotations
 import asyncio
 import io
 import math
-import re
+import os
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +37,7 @@ from diffusion_service.engine import DiffusersEngine
 from diffusion_service.server import DiffusionService, start_service
 from dreamsight_server.lifecycle import ServerOptions
 from tests.metrics_scrape import metrics_samples
+from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
 
@@ -508,61 +505,48 @@ async def test_gateway_secret_and_loading_state(sd_dir: Path) -> None:
         await service.stop(grace_s=0.5)
 
 
-def _wait_for_port(proc: subprocess.Popen[str], lines: list[str]) -> int:
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        lines.append(line)
-        match = re.search(r"diffusion listening on [\d.]+:(\d+)", line)
-        if match:
-            return int(match.group(1))
-    raise AssertionError("service exited before listening:\n" + "".join(lines[-30:]))
-
-
-def test_process_builds_the_demo_model_serves_and_drains_on_sigterm(tmp_path: Path) -> None:
-    model_dir = tmp_path / "models" / "sd-demo"
-    proc = subprocess.Popen(
+def test_process_serves_and_drains_on_sigterm(sd_dir: Path) -> None:
+    service = ServiceProcess(
+        "diffusion_service",
         [
-            sys.executable,
-            "-m",
-            "diffusion_service",
-            f"--model=sd-demo={model_dir}",
+            f"--model=sd-demo={sd_dir}",
             "--port=0",
             "--metrics-port=0",
             "--grace-seconds=20",
             "--device=cpu",
         ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
     )
-    lines: list[str] = []
     try:
-        port = _wait_for_port(proc, lines)
-        drain = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
-        drain.start()
+        port = service.wait_for_port()
+        service.wait_serving(port, timeout=120)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            status = health.Check(health_pb2.HealthCheckRequest()).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                break
-            time.sleep(0.1)
-        assert status == health_pb2.HealthCheckResponse.SERVING, "".join(lines[-30:])
-        assert (model_dir / "model_index.json").is_file(), "built on first run"
-
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
         request = diffusion_pb2.GenerateRequest(prompt="a dog", steps=12, guidance_scale=1.0)
         stream = stub.Generate(request)
         first = next(iter(stream))
         assert first.WhichOneof("event") == "progress"
-        proc.send_signal(signal.SIGTERM)
+        service.proc.send_signal(signal.SIGTERM)
         rest = list(stream)  # the in-flight stream finishes within the grace period
         assert rest[-1].WhichOneof("event") == "result"
         assert len(rest[-1].result.images) == 1
-        assert proc.wait(timeout=60) == 0, "".join(lines[-30:])
+        assert service.wait() == 0, service.log()
         channel.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        service.kill()
+
+
+def test_a_model_that_fails_to_load_exits_non_zero_with_the_cause(tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    service = ServiceProcess(
+        "diffusion_service",
+        [f"--model=broken={empty}", "--port=0", "--metrics-port=0", "--device=cpu"],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    try:
+        service.wait_for_port()
+        assert service.wait(timeout=120) == 1, service.log()
+        assert "diffusion failed to load; exiting" in service.log(200)
+        assert "broken" in service.log(200) or str(empty) in service.log(200)
+    finally:
+        service.kill()

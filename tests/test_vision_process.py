@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -16,26 +11,15 @@ import pytest
 from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.service_process import ServiceProcess
+
 pytestmark = pytest.mark.slow
 
 
-def _wait_for_port(proc: subprocess.Popen[str], lines: list[str]) -> int:
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        lines.append(line)
-        match = re.search(r"vision listening on [\d.]+:(\d+)", line)
-        if match:
-            return int(match.group(1))
-    raise AssertionError("service exited before listening:\n" + "".join(lines[-30:]))
-
-
 def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.Popen(
+    service = ServiceProcess(
+        "vision_service",
         [
-            sys.executable,
-            "-m",
-            "vision_service",
             f"--model={llava_dir}",
             "--served-model-name=llava-demo",
             "--port=0",
@@ -45,30 +29,16 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
             "--dtype=float32",
             "--grace-seconds=20",
         ],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
     )
-    lines: list[str] = []
     try:
-        port = _wait_for_port(proc, lines)
-        drain = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
-        drain.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        seen = set()
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            status = health.Check(health_pb2.HealthCheckRequest()).status
-            seen.add(status)
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                break
-            time.sleep(0.2)
+        port = service.wait_for_port()
+        seen = service.wait_serving(port)
         assert seen == {
             health_pb2.HealthCheckResponse.NOT_SERVING,
             health_pb2.HealthCheckResponse.SERVING,
         }
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
 
         stub = vision_pb2_grpc.VisionServiceStub(channel)
         request = vision_pb2.ChatRequest(
@@ -78,19 +48,34 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
         stream = stub.Chat(request)
         first = next(iter(stream))
         assert first.WhichOneof("event") == "delta"
-        proc.send_signal(signal.SIGTERM)
+        service.proc.send_signal(signal.SIGTERM)
         rest = list(stream)  # the in-flight stream finishes within the grace period
         assert rest[-1].WhichOneof("event") == "final"
         assert rest[-1].final.finish_reason in (
             vision_pb2.FINISH_REASON_LENGTH,
             vision_pb2.FINISH_REASON_STOP,
         )
-        assert proc.wait(timeout=60) == 0
+        assert service.wait() == 0, service.log()
         with pytest.raises(grpc.RpcError) as caught:
             health.Check(health_pb2.HealthCheckRequest(), timeout=2)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         channel.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        service.kill()
+
+
+def test_a_model_that_fails_to_load_exits_non_zero_with_the_cause(tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    service = ServiceProcess(
+        "vision_service",
+        [f"--model={empty}", "--port=0", "--metrics-port=0"],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    try:
+        service.wait_for_port()
+        assert service.wait(timeout=120) == 1, service.log()
+        assert "vision failed to load; exiting" in service.log(200)
+        assert str(empty) in service.log(200), "the cause names the model directory"
+    finally:
+        service.kill()

@@ -111,6 +111,7 @@ class VllmChatEngine:
         """Load the processor and the engine (the slow part: tens of seconds)."""
         from transformers import AutoProcessor
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self._settings
@@ -125,6 +126,12 @@ class VllmChatEngine:
             tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
             dtype=s.dtype,
+            quantization=s.quantization or None,
+            kv_cache_dtype=s.kv_cache_dtype,
+            # On CPU the KV cache is sized in bytes (GPUs size it by utilization).
+            kv_cache_memory_bytes=int(s.kv_cache_gib * (1 << 30))
+            if current_platform.is_cpu()
+            else None,
             enforce_eager=s.enforce_eager,
             disable_log_stats=False,
         )

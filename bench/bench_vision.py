@@ -234,8 +234,8 @@ async def main() -> None:
 
     from prometheus_client import CollectorRegistry
 
+    from dreamsight_demo import llava as demo_model
     from dreamsight_server.images import ImageLimits, decode_image
-    from vision_service import demo_model
     from vision_service.config import VisionSettings
     from vision_service.domain import ChatInput, ChatMessage, Role
     from vision_service.engine import VllmChatEngine

@@ -8,10 +8,10 @@ the environment or a file only, never from a flag (``ps`` shows flags).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
@@ -23,7 +23,6 @@ from dreamsight_server.settings import (
     setting,
 )
 
-ENV_PREFIX = "DREAMSIGHT_DIFFUSION_"
 TRAINING_DIR = Path(".dreamsight/training")
 MAX_INSTANCE_IMAGES = 20
 # A CreateTrainingJob carries the subject's photos (often several MB each):
@@ -130,6 +129,8 @@ class TrainingSettings:
 class DiffusionSettings:
     """Everything the diffusion service needs to start."""
 
+    ENV_PREFIX: ClassVar[str] = "DREAMSIGHT_DIFFUSION_"
+
     models: tuple[BaseModel, ...] = setting(
         (),
         "base model as NAME=SOURCE or SOURCE, a diffusers directory or hub id; the first is "
@@ -172,10 +173,9 @@ def parse_settings(
     s = parse(
         DiffusionSettings,
         argv,
-        os.environ if env is None else env,
-        ENV_PREFIX,
-        prog="python -m diffusion_service",
-        description="dreamsight diffusion: Stable Diffusion generation and DreamBooth training",
+        env,
+        "python -m diffusion_service",
+        "dreamsight diffusion: Stable Diffusion generation and DreamBooth training",
     )
     if not s.models:
         raise SettingsError("--model: at least one base model is required")

@@ -13,7 +13,7 @@ silently cut them, drawing something other than what was asked for; a
 caller who wants the cut can make it.
 
 Cancellation: when the caller cancels, its deadline passes or it stops
-reading, the stream's generator is closed, which flags the job; the worker
+reading, the stream's generator is closed, which flags the generation; the worker
 checks the flag after every UNet evaluation and raises out of the diffusers
 loop, so at most the step already running finishes and the worker takes the
 next request at once. A request still waiting for a worker just leaves the
@@ -101,10 +101,11 @@ class ImageEngine(Protocol):
 
 
 @dataclass(frozen=True)
-class JobRecord:
-    """How a finished generation ended (kept for the last few, for operators)."""
+class GenerationRecord:
+    """How a finished generation ended; the last few are kept (``recent``) so
+    that tests and a debugger can see how cancellation went."""
 
-    job_id: str
+    generation_id: str
     outcome: str
     """``ok``, ``cancelled`` or ``error``."""
     steps_done: int
@@ -114,10 +115,10 @@ class JobRecord:
 
 
 class _Stopped(Exception):
-    """Raised inside the diffusers loop to stop a cancelled job."""
+    """Raised inside the diffusers loop to stop a cancelled generation."""
 
 
-class _Job:
+class _Generation:
     """One admitted generation, shared by the event loop and its worker."""
 
     def __init__(
@@ -166,10 +167,10 @@ class DiffusersEngine:
         self._dtype: Any = None
         self._waiting = 0
         self._running = 0
-        self._jobs: set[_Job] = set()
+        self._generations: set[_Generation] = set()
         self._ready = False
         self._typical_s = 5.0
-        self.recent: deque[JobRecord] = deque(maxlen=32)
+        self.recent: deque[GenerationRecord] = deque(maxlen=32)
 
     @property
     def ready(self) -> bool:
@@ -214,20 +215,22 @@ class DiffusersEngine:
         log.info("diffusion engine ready: %s on %s", default.info.name, self._device)
 
     def shutdown(self) -> None:
-        """Stop running jobs at their next step and release the workers."""
+        """Stop running generations at their next step and release the workers."""
         self._ready = False
-        for job in list(self._jobs):
-            job.cancel()
+        for generation in list(self._generations):
+            generation.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
         self._cache.clear()
 
     def register_fine_tuned(
-        self, name: str, path: str | Path, owner_tenant: str, base_model: str, job_id: str
+        self, name: str, path: str | Path, owner_tenant: str, base_model: str, training_job_id: str
     ) -> ModelInfo:
         """Serve a tenant's fine-tuned pipeline; see ModelRegistry.register_fine_tuned."""
-        return self.registry.register_fine_tuned(name, path, owner_tenant, base_model, job_id)
+        return self.registry.register_fine_tuned(
+            name, path, owner_tenant, base_model, training_job_id
+        )
 
     def list_models(self, tenant: str) -> list[ModelInfo]:
         self._check_ready()
@@ -242,7 +245,7 @@ class DiffusersEngine:
         self, request: GenerateInput, tenant: str
     ) -> AsyncGenerator[GenerateEvent, None]:
         arrival = time.monotonic()
-        job = self._prepare(request, tenant, arrival)
+        generation = self._prepare(request, tenant, arrival)
         limit = self._settings.concurrency + self._settings.max_queue
         if self._waiting + self._running >= limit:
             raise ResourceExhausted(
@@ -262,37 +265,37 @@ class DiffusersEngine:
             raise Unavailable("the diffusion service is shutting down")
         self._running += 1
         self._metrics.running.set(self._running)
-        self._jobs.add(job)
-        future = job.loop.run_in_executor(self._executor, self._work, job)
-        future.add_done_callback(lambda done: self._finished(job, done))
+        self._generations.add(generation)
+        future = generation.loop.run_in_executor(self._executor, self._work, generation)
+        future.add_done_callback(lambda done: self._finished(generation, done))
         try:
-            while (event := await job.events.get()) is not None:
+            while (event := await generation.events.get()) is not None:
                 yield event
-            if future.cancelled():  # the executor shut down before the job started
+            if future.cancelled():  # the executor shut down before the generation started
                 raise Unavailable("the diffusion service is shutting down")
             pngs, gpu_seconds = await future
         except _Stopped:
             raise Cancelled("the generation was stopped (service shutting down)") from None
         finally:
             if not future.done():
-                job.cancel()
+                generation.cancel()
         total_s = time.monotonic() - arrival
         self._metrics.images.inc(len(pngs))
         self._metrics.generation_seconds.observe(total_s)
         self._typical_s = 0.8 * self._typical_s + 0.2 * total_s
-        images = zip(pngs, job.params.seeds, strict=True)
+        images = zip(pngs, generation.params.seeds, strict=True)
         yield GenerateDone(
             images=tuple(Image(png, seed) for png, seed in images),
             gpu_seconds=gpu_seconds,
             total_s=total_s,
-            model=job.entry.info.name,
+            model=generation.entry.info.name,
         )
 
     def _check_ready(self) -> None:
         if not self._ready:
             raise Unavailable("the diffusion service is loading its model; retry shortly")
 
-    def _prepare(self, request: GenerateInput, tenant: str, arrival: float) -> _Job:
+    def _prepare(self, request: GenerateInput, tenant: str, arrival: float) -> _Generation:
         """The checks that need the model; nothing is queued or metered yet."""
         self._check_ready()
         entry = self.registry.resolve(request.model, tenant)
@@ -330,7 +333,7 @@ class DiffusersEngine:
             scheduler=request.scheduler,
             seeds=tuple(seed + i for i in range(request.num_images)),
         )
-        return _Job(request.request_id, entry, params, arrival)
+        return _Generation(request.request_id, entry, params, arrival)
 
     def _retry_after(self) -> float:
         per_worker = (self._waiting + self._running) / self._settings.concurrency
@@ -343,50 +346,52 @@ class DiffusersEngine:
         log.info("loaded model %s from %s in %.1fs", name, source, time.monotonic() - started)
         return LoadedModel(name=name, pipeline=pipeline)
 
-    def _cache_changed(self, loaded: int, was_load: bool) -> None:
+    def _cache_changed(self, loaded: int) -> None:
         self._metrics.models_loaded.set(loaded)
 
-    def _work(self, job: _Job) -> tuple[list[bytes], float]:
+    def _work(self, generation: _Generation) -> tuple[list[bytes], float]:
         """Runs in a worker thread: load if needed, render, meter."""
         try:
-            if job.cancelled.is_set():
+            if generation.cancelled.is_set():
                 raise _Stopped
-            if not self.registry.contains(job.entry):
-                raise NotFound(f"model {job.entry.info.name!r} was deleted")
-            model = self._cache.get(job.entry.info.name, job.entry.source)
-            if job.cancelled.is_set():
+            if not self.registry.contains(generation.entry):
+                raise NotFound(f"model {generation.entry.info.name!r} was deleted")
+            model = self._cache.get(generation.entry.info.name, generation.entry.source)
+            if generation.cancelled.is_set():
                 raise _Stopped
-            self.meter.start(job.id)
+            self.meter.start(generation.id)
             try:
-                job.last_mark = time.monotonic()
-                pngs = render(model, job.params, lambda counts: self._evaluated(job, counts))
+                generation.last_mark = time.monotonic()
+                pngs = render(
+                    model, generation.params, lambda counts: self._evaluated(generation, counts)
+                )
             finally:
-                gpu_seconds = self.meter.finish(job.id)
+                gpu_seconds = self.meter.finish(generation.id)
                 self._metrics.gpu_seconds.inc(gpu_seconds)
             return pngs, gpu_seconds
         finally:
-            job.emit(None)
+            generation.emit(None)
 
-    def _evaluated(self, job: _Job, counts_as_step: bool) -> None:
+    def _evaluated(self, generation: _Generation, counts_as_step: bool) -> None:
         """After each UNet evaluation, in the worker: time it, stop or report."""
         now = time.monotonic()
-        self._metrics.step_seconds.observe(now - job.last_mark)
-        job.last_mark = now
-        job.evaluations += 1
-        if job.cancelled.is_set():
+        self._metrics.step_seconds.observe(now - generation.last_mark)
+        generation.last_mark = now
+        generation.evaluations += 1
+        if generation.cancelled.is_set():
             raise _Stopped
         if counts_as_step:
-            job.steps_done += 1
-            job.emit(Progress(job.steps_done, job.params.steps))
+            generation.steps_done += 1
+            generation.emit(Progress(generation.steps_done, generation.params.steps))
 
-    def _finished(self, job: _Job, future: Future[Any] | asyncio.Future[Any]) -> None:
-        """On the event loop once the worker let go of the job."""
+    def _finished(self, generation: _Generation, future: Future[Any] | asyncio.Future[Any]) -> None:
+        """On the event loop once the worker let go of the generation."""
         self._running -= 1
         self._metrics.running.set(self._running)
-        self._jobs.discard(job)
+        self._generations.discard(generation)
         self._slots.release()
         if future.cancelled():
-            job.events.put_nowait(None)  # _work never ran to say it is done
+            generation.events.put_nowait(None)  # _work never ran to say it is done
         error = None if future.cancelled() else future.exception()
         if error is None and not future.cancelled():
             outcome = "ok"
@@ -394,12 +399,18 @@ class DiffusersEngine:
             outcome = "cancelled"
             log.info(
                 "generation %s stopped after %d evaluations (cancelled after %s)",
-                job.id,
-                job.evaluations,
-                job.evaluations_at_cancel,
+                generation.id,
+                generation.evaluations,
+                generation.evaluations_at_cancel,
             )
         else:
             outcome = "error"
         self.recent.append(
-            JobRecord(job.id, outcome, job.steps_done, job.evaluations, job.evaluations_at_cancel)
+            GenerationRecord(
+                generation.id,
+                outcome,
+                generation.steps_done,
+                generation.evaluations,
+                generation.evaluations_at_cancel,
+            )
         )

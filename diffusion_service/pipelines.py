@@ -118,7 +118,7 @@ class PipelineCache:
         self,
         capacity: int,
         loader: Callable[[str, str], LoadedModel],
-        on_change: Callable[[int, bool], None] = lambda loaded, was_load: None,
+        on_change: Callable[[int], None] = lambda loaded: None,
     ) -> None:
         self._capacity = capacity
         self._loader = loader
@@ -149,7 +149,7 @@ class PipelineCache:
                     log.info("evicted model %s (keeping %d loaded)", evicted, self._capacity)
                 self._loading.pop(name, None)
                 count = len(self._loaded)
-        self._on_change(count, True)
+        self._on_change(count)
         return model
 
     def evict(self, name: str) -> None:
@@ -157,7 +157,7 @@ class PipelineCache:
         with self._lock:
             self._loaded.pop(name, None)
             count = len(self._loaded)
-        self._on_change(count, False)
+        self._on_change(count)
 
     def loaded(self) -> list[str]:
         """Loaded models, least recently used first."""
@@ -168,7 +168,7 @@ class PipelineCache:
         """Drop every model."""
         with self._lock:
             self._loaded.clear()
-        self._on_change(0, False)
+        self._on_change(0)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
-    """Thin transport over an :class:`ImageEngine`."""
+    """Thin transport: generation over an :class:`ImageEngine`, DreamBooth jobs over a
+    :class:`TrainingEngine`."""
 
     def __init__(
         self,

@@ -131,7 +131,8 @@ class TrainingEngine(Protocol):
 
 @dataclass(frozen=True)
 class AttemptRecord:
-    """How one worker run of a job ended (the last few are kept, for operators)."""
+    """How one worker run of a job ended. Each is logged; the last few are kept
+    (``recent``) so that tests and a debugger can see how resumption went."""
 
     job_id: str
     outcome: str
@@ -242,7 +243,7 @@ class TrainingManager:
         self._store.close()
 
     def worker_pid(self, job_id: str) -> int | None:
-        """The worker process of a running job (for operators and tests)."""
+        """The worker process of a running job (the chaos tests kill it)."""
         worker = self._workers.get(job_id)
         return worker.proc.pid if worker and worker.proc else None
 

@@ -29,10 +29,9 @@ RUN apt-get update \
 RUN groupadd --system --gid 10001 dreamsight \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/dreamsight dreamsight
 COPY --from=build /opt/venv /opt/venv
-# The trained demo model (a few MB), put in place of a missing *-demo model.
+# The trained demo model (a few MB, a toy), served from here by the base manifests.
 COPY models/llava-shapes /opt/dreamsight/models/llava-shapes
 ENV PATH=/opt/venv/bin:$PATH \
-    DREAMSIGHT_DEMO_MODELS=/opt/dreamsight/models \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_VISIBLE_DEVICES=all \

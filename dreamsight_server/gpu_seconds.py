@@ -48,12 +48,6 @@ class GpuSecondsMeter:
             self._advance()
             return self._running.pop(request_id, 0.0)
 
-    def peek(self, request_id: str) -> float:
-        """The request's GPU-seconds so far, without stopping it."""
-        with self._lock:
-            self._advance()
-            return self._running.get(request_id, 0.0)
-
     @property
     def running(self) -> int:
         """Requests accruing now."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -201,17 +202,19 @@ def _options(cls: type, defaults: Any, env_prefix: str, flag_prefix: str = "") -
 def parse(
     cls: type[T],
     argv: Sequence[str] | None,
-    env: Mapping[str, str],
-    env_prefix: str,
+    env: Mapping[str, str] | None,
     prog: str,
     description: str,
     defaults: T | None = None,
 ) -> T:
-    """Build ``cls`` from flags, then ``env_prefix``* variables, then its defaults.
+    """Build ``cls`` from flags (None: sys.argv), then its ``cls.ENV_PREFIX``
+    variables (from env, or os.environ when None), then its defaults.
 
     Raises :class:`SettingsError` for a malformed or unknown setting and
     SystemExit (via argparse) for an unknown flag or ``--help``.
     """
+    env = os.environ if env is None else env
+    env_prefix: str = getattr(cls, "ENV_PREFIX")  # noqa: B009 (a ClassVar of each settings class)
     base = cls() if defaults is None else defaults
     options = _options(cls, base, env_prefix)
     known = {o.env for o in options} | {f"{o.env}_FILE" for o in options if o.spec.secret}

@@ -1,1 +1,1 @@
-"""The dreamsight gateway: keys, tiers, metering, proxy and metrics (to come)."""
+"""The dreamsight gateway: keys, tiers, metering, the gRPC and HTTP front ends, metrics."""

@@ -8,20 +8,21 @@ nothing is read at import time.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from dreamsight_server.lifecycle import ServerOptions
 from dreamsight_server.settings import group, parse, setting
 
-ENV_PREFIX = "DREAMSIGHT_GATEWAY_"
 MAX_REQUEST_BYTES = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
     """Everything the gateway needs to start."""
+
+    ENV_PREFIX: ClassVar[str] = "DREAMSIGHT_GATEWAY_"
 
     vision_target: str = setting(
         "127.0.0.1:50052", "gRPC target of the vision backends, e.g. dns:///vision:50052"
@@ -85,10 +86,9 @@ def parse_settings(
     settings = parse(
         GatewaySettings,
         argv,
-        os.environ if env is None else env,
-        ENV_PREFIX,
-        prog="python -m gateway",
-        description="dreamsight gateway: keys, tiers, metering, gRPC and HTTP front ends",
+        env,
+        "python -m gateway",
+        "dreamsight gateway: keys, tiers, metering, gRPC and HTTP front ends",
     )
     http_port = settings.http_port
     if http_port is not None and http_port < 0:

@@ -21,7 +21,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 @pytest.fixture(scope="session")
 def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny demo LLaVA-Llama-3, built once."""
-    from vision_service import demo_model
+    from dreamsight_demo import llava as demo_model
 
     return demo_model.build(tmp_path_factory.mktemp("models") / "llava-demo")
 
@@ -29,7 +29,7 @@ def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny demo Stable Diffusion pipeline, built once."""
-    from diffusion_service import demo_model
+    from dreamsight_demo import sd as demo_model
 
     return demo_model.build(tmp_path_factory.mktemp("models") / "sd-demo")
 
@@ -67,6 +67,32 @@ async def vision(llava_dir: Path) -> Any:
     )
     yield handle
     await channel.close(grace=None)
+    await service.stop(grace_s=1.0)
+
+
+@pytest.fixture(scope="session")
+async def diffusion_backend(sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One real diffusion service (diffusers on the demo pipeline) for the tests
+    that put a gateway or scrape metrics in front of it; the diffusion and
+    DreamBooth tests start their own, with the settings they test."""
+    from diffusion_service.config import BaseModel, DiffusionSettings, Limits, TrainingSettings
+    from diffusion_service.server import start_service as start_diffusion
+
+    training = tmp_path_factory.mktemp("diffusion-backend")
+    settings = DiffusionSettings(
+        models=(BaseModel("sd-demo", str(sd_dir)),),
+        max_loaded_models=1,
+        concurrency=1,
+        max_queue=4,
+        torch_threads=1,
+        device="cpu",
+        limits=Limits(min_size=64, max_size=128, default_steps=2, max_images=3),
+        training=TrainingSettings(store=training / "jobs.sqlite3", artifacts_dir=training),
+        server=ServerOptions(grace_s=2.0),
+    )
+    service = await start_diffusion(settings)
+    await service.load()
+    yield service
     await service.stop(grace_s=1.0)
 
 

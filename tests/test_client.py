@@ -16,8 +16,6 @@ import grpc
 import pytest
 from PIL import Image
 
-from diffusion_service.config import BaseModel, DiffusionSettings
-from diffusion_service.server import start_service as start_diffusion
 from dreamsight_server.lifecycle import ServerOptions
 from gateway.config import GatewaySettings
 from gateway.server import start_gateway
@@ -29,16 +27,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 async def stack(
-    tmp_path_factory: pytest.TempPathFactory, vision: VisionHandle, sd_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, vision: VisionHandle, diffusion_backend: Any
 ) -> AsyncIterator[Stack]:
-    diffusion = await start_diffusion(
-        DiffusionSettings(
-            models=(BaseModel("sd-demo", str(sd_dir)),),
-            device="cpu",
-            server=ServerOptions(metrics_port=None, grace_s=1.0),
-        )
-    )
-    await diffusion.load()
+    diffusion = diffusion_backend
     tmp = tmp_path_factory.mktemp("client")
     gateway = await start_gateway(
         GatewaySettings(
@@ -54,7 +45,6 @@ async def stack(
     key = await new_key(gateway, "client-tests", "pro")
     yield Stack(gateway, f"127.0.0.1:{gateway.port}", key)
     await gateway.stop(0)
-    await diffusion.stop(0)
 
 
 def _png(color: str) -> bytes:
@@ -313,6 +303,7 @@ def test_dreamsight_up_starts_and_stops_cleanly(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())
+        assert info["http"].startswith("http://127.0.0.1:"), "up prints the HTTP address"
         with dreamsight.Client(info["target"], api_key=info["api_key"]) as client:
             assert client.usage().tenant == "demo"
             reply = client.chat("", ["hi"], options=GREEDY)
@@ -331,6 +322,46 @@ def test_dreamsight_up_starts_and_stops_cleanly(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_dreamsight_up_serves_a_users_own_models(tmp_path: Path) -> None:
+    """``dreamsight up --vision-model ... --diffusion-model ...`` passes them on
+    and puts no demo model in place for a model the user named."""
+    from dreamsight import _up
+    from dreamsight.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["up", "--vision-model", "org/llava", "--diffusion-model", "sd15=org/sd",
+         "--quantization", "awq", "--kv-cache-dtype", "fp8", "--max-model-len", "8192"]
+    )  # fmt: skip
+    models = _up.Models(
+        args.vision_model, args.diffusion_model, args.quantization, args.kv_cache_dtype,
+        args.max_model_len,
+    )  # fmt: skip
+    ports = _up.Ports(gateway=1, http=2, vision=3, diffusion=4)
+    commands = _up.service_commands(tmp_path, models, ports, "token")
+    vision, _ = commands["vision"]
+    assert {"--model=org/llava", "--quantization=awq", "--kv-cache-dtype=fp8"} <= set(vision)
+    assert "--max-model-len=8192" in vision and "--port=3" in vision
+    assert "--model=sd15=org/sd" in commands["diffusion"][0]
+    assert _up.demo_targets(tmp_path, models) == []
+    demo = _up.Models()
+    assert len(_up.demo_targets(tmp_path, demo)) == 2
+    assert (
+        f"--model={tmp_path / 'models' / 'llava-demo'}"
+        in _up.service_commands(tmp_path, demo, ports, "token")["vision"][0]
+    )
+    gateway_env = commands["gateway"][1]
+    assert gateway_env["DREAMSIGHT_GATEWAY_HTTP_PORT"] == "2"
+    for name, (argv, env) in commands.items():
+        module = argv[1]
+        parse = {
+            "vision_service": "vision_service.config",
+            "diffusion_service": "diffusion_service.config",
+            "gateway": "gateway.config",
+        }[module]
+        settings = __import__(parse, fromlist=["parse_settings"]).parse_settings(argv[2:], env)
+        assert settings is not None, f"{name}: the services accept what up passes"
 
 
 def test_mypy_understands_the_overloads(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ def _digest(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("module", ["vision_service.demo_model", "diffusion_service.demo_model"])
+@pytest.mark.parametrize("module", ["dreamsight_demo.llava", "dreamsight_demo.sd"])
 def test_same_seed_same_bytes_other_seed_other_weights(module: str, tmp_path: Path) -> None:
     import importlib
 

@@ -16,12 +16,12 @@ import pytest
 
 from diffusion_service.config import BaseModel, DiffusionSettings, TrainingSettings
 from diffusion_service.server import start_service as start_diffusion
-from dreamsight_server.demo_weights import COMMITTED_ROOT
+from dreamsight_demo.shapes import quality, scenes
+from dreamsight_demo.weights import COMMITTED_ROOT
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
 from gateway.config import GatewaySettings
 from gateway.server import start_gateway
-from shapes import quality, scenes
 from tests.gateway_helpers import ADMIN_TOKEN, Stack, new_key
 from vision_service.config import VisionSettings
 from vision_service.server import start_service as start_vision
@@ -40,7 +40,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         VisionSettings(
             model=str(COMMITTED_ROOT / "llava-shapes"),
             served_model_name="llava-shapes",
-            build_demo_model=False,
             max_model_len=1024,
             max_num_seqs=16,
             enforce_eager=True,
@@ -52,7 +51,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     diffusion = await start_diffusion(
         DiffusionSettings(
             models=(BaseModel("sd-shapes", str(COMMITTED_ROOT / "sd-shapes")),),
-            build_demo_model=False,
             device="cpu",
             training=TrainingSettings(
                 store=tmp / "jobs.sqlite3", artifacts_dir=tmp / "training", stop_grace_s=5.0
@@ -122,7 +120,7 @@ async def test_diffusion_draws_the_prompted_colour_and_shape(stack: Stack) -> No
 async def test_dreambooth_teaches_a_new_subject_and_keeps_the_classes(stack: Stack) -> None:
     """Four photos of a striped purple star as "a sks shape" (class "a shape").
 
-    The job is the demo's (shapes.quality.DREAMBOOTH, about 2 minutes here);
+    The job is the demo's (dreamsight_demo.shapes.quality.DREAMBOOTH, about 2 minutes here);
     the tuned model must draw the subject and still draw the base prompts.
     """
     photos = [quality.png(p) for p in scenes.subject_images(seed=0, count=4)]

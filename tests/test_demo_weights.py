@@ -2,8 +2,8 @@
 manifest's hashes and the trainers' configuration, their layout is what vLLM
 and diffusers load, and the services put them in place of random demo models.
 
-CI does not retrain; ``python -m vision_service.train_demo models/llava-shapes``
-and ``python -m diffusion_service.train_demo models/sd-shapes`` do.
+CI does not retrain; ``python -m dreamsight_demo.train_llava models/llava-shapes``
+and ``python -m dreamsight_demo.train_sd models/sd-shapes`` do.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from diffusion_service import train_demo as sd_train
-from dreamsight_server import demo_weights
+from dreamsight_demo import train_llava as llava_train
+from dreamsight_demo import train_sd as sd_train
+from dreamsight_demo import weights as demo_weights
 from dreamsight_server.demo_marker import read_marker
-from vision_service import train_demo as llava_train
 
 LLAVA = demo_weights.COMMITTED_ROOT / "llava-shapes"
 SD = demo_weights.COMMITTED_ROOT / "sd-shapes"
@@ -133,23 +133,22 @@ def test_install_refuses_damaged_weights(tmp_path: Path) -> None:
     assert not demo_weights.install("llava", tmp_path / "x", tmp_path / "nowhere")
 
 
-def test_services_put_the_trained_models_in_place(tmp_path: Path) -> None:
-    from diffusion_service.config import BaseModel, DiffusionSettings
-    from diffusion_service.server import prepare_model as prepare_sd
-    from vision_service.config import VisionSettings
-    from vision_service.server import prepare_model as prepare_llava
-
-    prepare_llava(VisionSettings(model=str(tmp_path / "llava-demo")))
-    prepare_sd(DiffusionSettings(models=(BaseModel("sd-demo", str(tmp_path / "sd-demo")),)))
+def test_install_puts_the_trained_models_in_place_or_builds_random_ones(tmp_path: Path) -> None:
     for name, kind in (("llava-demo", "llava"), ("sd-demo", "stable-diffusion")):
+        assert demo_weights.put_in_place(tmp_path / name, kind) == "installed"
         marker = read_marker(tmp_path / name)
         assert marker is not None and (marker["kind"], marker["weights"]) == (kind, "trained")
         assert demo_weights.verify(tmp_path / name) == []
+        assert demo_weights.put_in_place(tmp_path / name, kind) == "kept"
+    nowhere = tmp_path / "no-trained-models"
+    assert demo_weights.put_in_place(tmp_path / "random", "llava", nowhere) == "built"
+    marker = read_marker(tmp_path / "random")
+    assert marker is not None and marker["weights"] == "random"
 
 
 def test_random_demo_builders_are_unchanged(tmp_path: Path) -> None:
     """Tests keep the fast random models: the builders still write random weights."""
-    from vision_service import demo_model
+    from dreamsight_demo import llava as demo_model
 
     marker = read_marker(demo_model.build(tmp_path / "llava-demo"))
     assert marker is not None and marker["weights"] == "random"
@@ -180,4 +179,6 @@ def test_installed_elsewhere_the_environment_names_the_models(
 def test_images_ship_the_trained_model(image: str, model: str) -> None:
     dockerfile = (demo_weights.COMMITTED_ROOT.parent / "docker" / f"{image}.Dockerfile").read_text()
     assert f"COPY models/{model} /opt/dreamsight/models/{model}" in dockerfile
-    assert f"{demo_weights.ROOT_ENV}=/opt/dreamsight/models" in dockerfile
+    service = image.split(".")[0]
+    base_env = demo_weights.COMMITTED_ROOT.parent / "k8s" / "base" / "config" / f"{service}.env"
+    assert f"/opt/dreamsight/models/{model}" in base_env.read_text(), "the base serves it"

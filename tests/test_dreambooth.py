@@ -39,8 +39,8 @@ from diffusion_service.config import (
 )
 from diffusion_service.dreambooth.params import (
     Defaults,
+    DrawSettings,
     JobParams,
-    SamplingOptions,
     TrainerOptions,
     load_defaults,
 )
@@ -268,8 +268,8 @@ def job_params(**fields: Any) -> JobParams:
         "checkpoint_interval": 2,
         "num_instance_images": 3,
         "trainer": TrainerOptions(),
-        "class_images": SamplingOptions(),
-        "validation": SamplingOptions(),
+        "class_images": DrawSettings(),
+        "validation": DrawSettings(),
     }
     values.update(fields)
     return JobParams(**values)

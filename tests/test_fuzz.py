@@ -12,7 +12,6 @@ import asyncio
 import io
 import math
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,8 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from diffusion_service.config import BaseModel, DiffusionSettings
-from diffusion_service.server import start_service as start_diffusion
 from dreamsight_server.lifecycle import ServerOptions
 from gateway.config import GatewaySettings
 from gateway.server import Gateway, start_gateway
@@ -148,16 +145,9 @@ def _check(call: Callable[[], Any]) -> grpc.StatusCode:
 
 @pytest.fixture(scope="module")
 async def fuzz_stack(
-    tmp_path_factory: pytest.TempPathFactory, vision: VisionHandle, sd_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, vision: VisionHandle, diffusion_backend: Any
 ) -> AsyncIterator[tuple[Gateway, str, int]]:
-    diffusion = await start_diffusion(
-        DiffusionSettings(
-            models=(BaseModel("sd-demo", str(sd_dir)),),
-            device="cpu",
-            server=ServerOptions(metrics_port=None, grace_s=1.0),
-        )
-    )
-    await diffusion.load()
+    diffusion = diffusion_backend
     gateway = await start_gateway(
         GatewaySettings(
             vision_target=f"127.0.0.1:{vision.service.port}",
@@ -171,7 +161,6 @@ async def fuzz_stack(
     key = await new_key(gateway, "fuzzer", "max")
     yield gateway, key, diffusion.port
     await gateway.stop(0)
-    await diffusion.stop(0)
 
 
 async def test_fuzz_chat_on_the_vision_service(vision: VisionHandle) -> None:

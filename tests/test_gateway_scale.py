@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -25,6 +23,7 @@ import pytest
 from gateway.server import Gateway
 from tests.external_servers import postgres_server, prometheus_server, redis_server
 from tests.gateway_helpers import FakeBackend, FakeVision, bearer, collect, gateway_for, new_key
+from tests.service_process import ServiceProcess
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +124,8 @@ def _start_gateway_process(
         DREAMSIGHT_GATEWAY_PORT="0",
         DREAMSIGHT_GATEWAY_METRICS_PORT="0",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway"], env=env, stderr=subprocess.PIPE, text=True
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        match = re.search(r"gateway listening on [\d.]+:(\d+)", line)
-        if match:
-            return proc, int(match.group(1))
-    raise AssertionError(f"gateway exited with {proc.wait()}")
+    service = ServiceProcess("gateway", [], env)
+    return service.proc, service.wait_for_port()
 
 
 async def test_a_killed_gateways_slots_come_back_after_the_lease(

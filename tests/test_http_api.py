@@ -28,9 +28,7 @@ import pytest
 from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 from PIL import Image
 
-from diffusion_service.config import BaseModel, DiffusionSettings, Limits
-from diffusion_service.server import DiffusionService, start_service
-from dreamsight_server.lifecycle import ServerOptions
+from diffusion_service.server import DiffusionService
 from gateway.server import Gateway
 from tests.conftest import VisionHandle
 from tests.gateway_helpers import FakeBackend, FakeVision, bearer, gateway_for, new_key
@@ -96,33 +94,16 @@ async def no_slots_held(gateway: Gateway, tenant: str) -> None:
 
 
 @pytest.fixture(scope="module")
-async def diffusion(sd_dir: Path) -> AsyncIterator[DiffusionService]:
-    """One real diffusion service on the demo pipeline for this module."""
-    settings = DiffusionSettings(
-        models=(BaseModel("sd-demo", str(sd_dir)),),
-        max_loaded_models=1,
-        concurrency=1,
-        max_queue=4,
-        torch_threads=1,
-        device="cpu",
-        limits=Limits(min_size=64, max_size=128, default_steps=2, max_images=3),
-        server=ServerOptions(grace_s=2.0),
-    )
-    service = await start_service(settings)
-    await service.load()
-    yield service
-    await service.stop(grace_s=1.0)
-
-
-@pytest.fixture(scope="module")
 async def gateway(
-    tmp_path_factory: pytest.TempPathFactory, vision: VisionHandle, diffusion: DiffusionService
+    tmp_path_factory: pytest.TempPathFactory,
+    vision: VisionHandle,
+    diffusion_backend: DiffusionService,
 ) -> AsyncIterator[Gateway]:
     """A gateway with HTTP on a free port; no queue, so a full tier answers 429 at once."""
     gw = await gateway_for(
         tmp_path_factory.mktemp("http"),
         vision.service.port,
-        diffusion_port=diffusion.port,
+        diffusion_port=diffusion_backend.port,
         http_port=0,
         queue_length=0,
     )

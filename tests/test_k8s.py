@@ -38,10 +38,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from diffusion_service.config import BaseModel, DiffusionSettings, TrainingSettings
 from diffusion_service.config import parse_settings as parse_diffusion
 from diffusion_service.metrics import DiffusionMetrics
-from diffusion_service.server import start_service as start_diffusion
 from dreamsight_server.lifecycle import ServerOptions
 from gateway.config import GatewaySettings
 from gateway.config import parse_settings as parse_gateway
@@ -721,18 +719,11 @@ def _exposed(text: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 async def exposed_metrics(
-    vision: VisionHandle, sd_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    vision: VisionHandle, diffusion_backend: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[set[str]]:
     """Metric names the three running services export."""
     tmp = tmp_path_factory.mktemp("k8s-metrics")
-    diffusion = await start_diffusion(
-        DiffusionSettings(
-            models=(BaseModel("sd-demo", str(sd_dir)),),
-            device="cpu",
-            training=TrainingSettings(store=tmp / "jobs.sqlite3", artifacts_dir=tmp / "training"),
-            server=ServerOptions(grace_s=1.0),
-        )
-    )
+    diffusion = diffusion_backend
     gateway = await start_gateway(
         GatewaySettings(
             vision_target=f"127.0.0.1:{vision.service.port}",
@@ -754,7 +745,6 @@ async def exposed_metrics(
         yield names
     finally:
         await gateway.stop(0)
-        await diffusion.stop(0)
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shapes import quality, scenes
-from shapes.judge import judge
+from dreamsight_demo.shapes import quality, scenes
+from dreamsight_demo.shapes.judge import judge
 
 
 def test_same_seed_same_scenes_and_images() -> None:

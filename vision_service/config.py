@@ -7,21 +7,21 @@ nothing is read at import time.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
 from dreamsight_server.settings import SettingsError, gateway_secret_setting, group, parse, setting
 
-ENV_PREFIX = "DREAMSIGHT_VISION_"
-
 
 @dataclass(frozen=True)
 class VisionSettings:
     """Everything the vision service needs to start."""
+
+    ENV_PREFIX: ClassVar[str] = "DREAMSIGHT_VISION_"
 
     model: str = setting("", "a Hugging Face LLaVA directory or hub id (required)")
     served_model_name: str = setting(
@@ -62,10 +62,9 @@ def parse_settings(
     settings = parse(
         VisionSettings,
         argv,
-        os.environ if env is None else env,
-        ENV_PREFIX,
-        prog="python -m vision_service",
-        description="dreamsight vision: chat about images, served by vLLM",
+        env,
+        "python -m vision_service",
+        "dreamsight vision: chat about images, served by vLLM",
     )
     if not settings.model:
         raise SettingsError("--model: a LLaVA model directory or hub id is required")

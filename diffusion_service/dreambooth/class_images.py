@@ -55,12 +55,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cached_dir(cache_root: Path, key: ClassImageKey) -> Path | None:
-    """The complete cache entry for key, or None."""
-    entry = cache_root / key.digest()
-    return entry if (entry / COMPLETE).is_file() else None
-
-
 def ensure_class_images(
     key: ClassImageKey,
     cache_root: Path,

@@ -82,8 +82,9 @@ class TrainerOptions:
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
-    """How class-prior or validation images are drawn."""
+class DrawSettings:
+    """How class-prior or validation images are drawn (not the vision service's
+    SamplingOptions, which shape a chat reply)."""
 
     batch_size: int = 4
     inference_steps: int = 50
@@ -110,9 +111,9 @@ class Defaults:
     resolution: int | None = None
     checkpoint_interval: int = 100
     trainer: TrainerOptions = field(default_factory=TrainerOptions)
-    class_images: SamplingOptions = field(default_factory=SamplingOptions)
-    validation: SamplingOptions = field(
-        default_factory=lambda: SamplingOptions(batch_size=1, inference_steps=25)
+    class_images: DrawSettings = field(default_factory=DrawSettings)
+    validation: DrawSettings = field(
+        default_factory=lambda: DrawSettings(batch_size=1, inference_steps=25)
     )
 
     def check(self) -> None:
@@ -173,8 +174,8 @@ class JobParams:
     checkpoint_interval: int
     num_instance_images: int
     trainer: TrainerOptions = field(default_factory=TrainerOptions)
-    class_images: SamplingOptions = field(default_factory=SamplingOptions)
-    validation: SamplingOptions = field(default_factory=SamplingOptions)
+    class_images: DrawSettings = field(default_factory=DrawSettings)
+    validation: DrawSettings = field(default_factory=DrawSettings)
 
     @property
     def with_prior(self) -> bool:

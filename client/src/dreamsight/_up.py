@@ -2,12 +2,13 @@
 
 Each service runs as its own process (``python -m vision_service`` ...) from
 the server packages installed beside the client; the client imports none of
-their code. The services put the demo models in place on first run: the
-small models trained on synthetic shapes that come with the source tree
-(``models/``, or ``$DREAMSIGHT_DEMO_MODELS``), or random-weight ones where
-there are none. Random-weight
-demo models left in HOME by an older version are swapped for the trained
-ones first (``python -m dreamsight_server.demo_weights refresh``). A demo API key
+their code. With no model named it serves the demo models, which it puts in
+place first (``python -m dreamsight_demo.weights install``): the small models
+trained on synthetic shapes that come with the source tree (``models/``, or
+``$DREAMSIGHT_DEMO_MODELS``), swapped in for random-weight ones an older
+version left in HOME, or random-weight ones where there are none. With
+``--vision-model`` / ``--diffusion-model`` (a Hugging Face directory or hub
+id) it serves those instead, as ``ollama run MODEL`` does. A demo API key
 is minted through the AdminService with a per-run admin token and kept in
 ``HOME/demo_key`` for the next run. Ctrl-C or SIGTERM stops everything: each
 service gets SIGTERM and its grace period, then its whole process group is
@@ -90,7 +91,8 @@ class Stack:
 
 def check_servers_installed() -> None:
     """Fail with advice when the server packages are not importable."""
-    missing = [m for m in ("gateway", "vision_service", "diffusion_service") if not _has(m)]
+    needed = ("gateway", "vision_service", "diffusion_service", "dreamsight_demo")
+    missing = [m for m in needed if not _has(m)]
     if missing:
         raise SystemExit(
             f"dreamsight up needs the server packages ({', '.join(missing)} missing): "
@@ -103,40 +105,94 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def start(home: Path, gateway_port: int, http_port: int, quiet: bool = False) -> Stack:
-    """Start the three services and return once they all serve."""
-    check_servers_installed()
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "logs").mkdir(exist_ok=True)
-    vision_port, diffusion_port = _free_port(), _free_port()
-    gateway_port = gateway_port or _free_port()
-    http_port = _free_port() if http_port == 0 else http_port  # -1: no HTTP
-    stack = Stack(home, gateway_port, http_port, admin_token=secrets.token_urlsafe(24))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    _refresh_demo_models(home, env, quiet)
-    commands: dict[str, tuple[list[str], dict[str, str]]] = {
-        "vision": (
-            ["-m", "vision_service", f"--model={home / 'models' / 'llava-demo'}",
-             f"--port={vision_port}", "--metrics-port=0", "--enforce-eager",
-             "--max-model-len=2048", "--grace-seconds=10"],
-            {},
-        ),
+@dataclass(frozen=True)
+class Models:
+    """What ``dreamsight up`` serves; empty model fields mean the demo models."""
+
+    vision: str = ""
+    """A LLaVA Hugging Face directory or hub id."""
+    diffusion: str = ""
+    """A Stable Diffusion directory or hub id, optionally ``NAME=SOURCE``."""
+    quantization: str = ""
+    kv_cache_dtype: str = ""
+    max_model_len: int = 2048
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The ports of one stack (HTTP -1: off)."""
+
+    gateway: int
+    http: int
+    vision: int
+    diffusion: int
+
+
+def service_commands(
+    home: Path, models: Models, ports: Ports, admin_token: str
+) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Each service's ``python`` arguments and extra environment."""
+    demo = home / "models"
+    vision = ["-m", "vision_service", f"--model={models.vision or demo / 'llava-demo'}",
+              f"--port={ports.vision}", "--metrics-port=0", "--grace-seconds=10",
+              f"--max-model-len={models.max_model_len}"]  # fmt: skip
+    if not models.vision:
+        vision.append("--enforce-eager")  # the toy gains nothing from compiling
+    if models.quantization:
+        vision.append(f"--quantization={models.quantization}")
+    if models.kv_cache_dtype:
+        vision.append(f"--kv-cache-dtype={models.kv_cache_dtype}")
+    diffusion_model = models.diffusion or f"sd-demo={demo / 'sd-demo'}"
+    return {
+        "vision": (vision, {}),
         "diffusion": (
-            ["-m", "diffusion_service", f"--port={diffusion_port}", "--metrics-port=0",
-             f"--model=sd-demo={home / 'models' / 'sd-demo'}", "--grace-seconds=10",
+            ["-m", "diffusion_service", f"--port={ports.diffusion}", "--metrics-port=0",
+             f"--model={diffusion_model}", "--grace-seconds=10",
              f"--artifacts-dir={home / 'training'}",
              f"--training-store={home / 'training' / 'jobs.sqlite3'}"],
             {},
         ),
         "gateway": (
-            ["-m", "gateway", f"--port={gateway_port}", "--metrics-port=0",
-             f"--vision-target=127.0.0.1:{vision_port}",
-             f"--diffusion-target=127.0.0.1:{diffusion_port}",
+            ["-m", "gateway", f"--port={ports.gateway}", "--metrics-port=0",
+             f"--vision-target=127.0.0.1:{ports.vision}",
+             f"--diffusion-target=127.0.0.1:{ports.diffusion}",
              f"--database={home / 'gateway.sqlite3'}", "--grace-seconds=10"],
-            {"DREAMSIGHT_GATEWAY_ADMIN_TOKEN": stack.admin_token,
-             "DREAMSIGHT_GATEWAY_HTTP_PORT": str(http_port)},
+            {"DREAMSIGHT_GATEWAY_ADMIN_TOKEN": admin_token,
+             "DREAMSIGHT_GATEWAY_HTTP_PORT": str(ports.http)},
         ),
     }  # fmt: skip
+
+
+def demo_targets(home: Path, models: Models) -> list[str]:
+    """The demo model directories to put in place (DIR=KIND), for the models not named."""
+    demo = home / "models"
+    targets = [] if models.vision else [f"{demo / 'llava-demo'}=llava"]
+    if not models.diffusion:
+        targets.append(f"{demo / 'sd-demo'}=stable-diffusion")
+    return targets
+
+
+def start(
+    home: Path,
+    gateway_port: int,
+    http_port: int,
+    quiet: bool = False,
+    models: Models | None = None,
+) -> Stack:
+    """Start the three services and return once they all serve."""
+    check_servers_installed()
+    models = models or Models()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "logs").mkdir(exist_ok=True)
+    gateway_port = gateway_port or _free_port()
+    http_port = _free_port() if http_port == 0 else http_port  # -1: no HTTP
+    ports = Ports(gateway_port, http_port, _free_port(), _free_port())
+    stack = Stack(home, gateway_port, http_port, admin_token=secrets.token_urlsafe(24))
+    env = dict(os.environ)
+    targets = demo_targets(home, models)
+    if targets:
+        _install_demo_models(targets, env, quiet)
+    commands = service_commands(home, models, ports, stack.admin_token)
     try:
         for name, (args, extra_env) in commands.items():
             log = open(home / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop)
@@ -148,8 +204,8 @@ def start(home: Path, gateway_port: int, http_port: int, quiet: bool = False) ->
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, killed as one
             )
-        ports = {"vision": vision_port, "diffusion": diffusion_port, "gateway": gateway_port}
-        for name, port in ports.items():
+        serving = {"vision": ports.vision, "diffusion": ports.diffusion, "gateway": gateway_port}
+        for name, port in serving.items():
             _wait_serving(name, port, stack, timeout=600)
             if not quiet:
                 print(f"  {name:9} serving on 127.0.0.1:{port}", file=sys.stderr)
@@ -160,22 +216,19 @@ def start(home: Path, gateway_port: int, http_port: int, quiet: bool = False) ->
     return stack
 
 
-def _refresh_demo_models(home: Path, env: dict[str, str], quiet: bool) -> None:
-    """Swap random-weight demo models in HOME for the trained ones, when the
-    server packages come with them; anything else in HOME is left alone."""
-    models = home / "models"
-    command = [
-        sys.executable, "-m", "dreamsight_server.demo_weights", "refresh",
-        f"{models / 'llava-demo'}=llava", f"{models / 'sd-demo'}=stable-diffusion",
-    ]  # fmt: skip
+def _install_demo_models(targets: list[str], env: dict[str, str], quiet: bool) -> None:
+    """Put the demo models in place (trained ones where the source tree has them;
+    random-weight ones from an older version are swapped for them)."""
+    command = [sys.executable, "-m", "dreamsight_demo.weights", "install", *targets]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"could not put the demo models in place:\n{done.stderr.strip()}")
     if not quiet:
         for line in done.stdout.splitlines():
             path, _, action = line.rpartition(": ")
-            if action in ("installed", "replaced"):
-                print(f"  demo model {Path(path).name}: {action} (trained)", file=sys.stderr)
+            if action in ("installed", "replaced", "built"):
+                weights = "random weights" if action == "built" else "trained"
+                print(f"  demo model {Path(path).name}: {action} ({weights})", file=sys.stderr)
 
 
 def _wait_serving(name: str, port: int, stack: Stack, timeout: float) -> None:

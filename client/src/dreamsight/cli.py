@@ -350,21 +350,29 @@ def cmd_up(args: argparse.Namespace, out: Output) -> int:
     from dreamsight import _up
 
     home = Path(args.home or os.environ.get("DREAMSIGHT_HOME", ".dreamsight")).resolve()
-    print(f"starting dreamsight in {home} (demo models set up on first run) ...", file=sys.stderr)
-    stack = _up.start(home, args.port, args.http_port)
-    info = {
-        "target": stack.target,
-        "api_key": stack.api_key,
-        "http": f"http://127.0.0.1:{stack.http_port}" if stack.http_port > 0 else "",
-        "home": str(home),
-    }
+    models = _up.Models(
+        vision=args.vision_model,
+        diffusion=args.diffusion_model,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_model_len=args.max_model_len,
+    )
+    demo = not (models.vision and models.diffusion)
+    note = " (demo models set up on first run)" if demo else ""
+    print(f"starting dreamsight in {home}{note} ...", file=sys.stderr)
+    stack = _up.start(home, args.port, args.http_port, models=models)
+    http = f"http://127.0.0.1:{stack.http_port}" if stack.http_port > 0 else ""
+    info = {"target": stack.target, "api_key": stack.api_key, "http": http, "home": str(home)}
     if out.json:
         out.emit(info)
     else:
         print(f"\ndreamsight is up: gRPC {stack.target}")
+        if http:
+            print(f"  HTTP (Ollama /api, OpenAI /v1): {http}")
         print(f"  export DREAMSIGHT_HOST={stack.target}")
         print(f"  export DREAMSIGHT_API_KEY={stack.api_key}")
-        print("  (demo models: toys that know one flat shape on white; see docs/quality.md)")
+        if demo:
+            print("  (demo models: toys that know one flat shape on white; see docs/quality.md)")
         print("press Ctrl-C to stop", flush=True)
     sys.stdout.flush()
     _up.run_forever(stack)
@@ -447,7 +455,20 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     keys.set_defaults(run=cmd_keys)
 
-    up = sub.add_parser("up", help="run gateway, vision and diffusion here (demo models)")
+    up = sub.add_parser(
+        "up", help="run gateway, vision and diffusion here (the demo models, or your own)"
+    )
+    up.add_argument(
+        "--vision-model", default="", help="LLaVA directory or hub id (default: the demo model)"
+    )
+    up.add_argument(
+        "--diffusion-model",
+        default="",
+        help="Stable Diffusion directory or hub id, or NAME=SOURCE (default: the demo model)",
+    )
+    up.add_argument("--quantization", default="", help="vLLM quantization, e.g. awq, gptq, fp8")
+    up.add_argument("--kv-cache-dtype", default="", help="vLLM KV-cache dtype, e.g. fp8")
+    up.add_argument("--max-model-len", type=int, default=2048, help="vision context length")
     up.add_argument("--home", help="state directory (default $DREAMSIGHT_HOME or .dreamsight)")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: any free port)")
     up.add_argument(

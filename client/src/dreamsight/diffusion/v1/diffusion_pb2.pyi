@@ -100,7 +100,9 @@ class GenerateRequest(_message.Message):
     num_images: _builtins.int
     """Number of images, generated as one batch."""
     request_id: _builtins.str
-    """Optional caller-chosen id used for metering and log correlation."""
+    """Optional caller-chosen id for log correlation: it prefixes the engine's
+    request id. Metering never keys on it.
+    """
     def __init__(
         self,
         *,

@@ -285,8 +285,8 @@ class ChatRequest(_message.Message):
     model: _builtins.str
     """The model to chat with, as listed by ListModels."""
     request_id: _builtins.str
-    """Optional caller-chosen id used for metering and log correlation. The
-    gateway sets one when the caller does not.
+    """Optional caller-chosen id for log correlation: it prefixes the engine's
+    request id. Metering never keys on it.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:

@@ -1,6 +1,6 @@
 """Measure the demo models through the public client: questions and drawings.
 
-Used by the quality tests, ``scripts/demo.py`` and ``scripts/quality.py``.
+Used by the quality tests, ``-m dreamsight_demo.demo`` and ``-m dreamsight_demo.measure``.
 Everything goes through :class:`dreamsight.AsyncClient` (so through the
 gateway and the real services); the shapes world supplies the questions and
 the judge scores the images.
@@ -19,8 +19,8 @@ import dreamsight
 import numpy as np
 from PIL import Image
 
-from shapes import scenes
-from shapes.judge import Verdict, judge
+from dreamsight_demo.shapes import scenes
+from dreamsight_demo.shapes.judge import Verdict, judge
 
 BASE_PROMPTS: tuple[tuple[str, str, str], ...] = tuple(
     (f"a {colour} {shape}", colour, shape) for colour in scenes.COLOURS for shape in scenes.SHAPES
@@ -186,7 +186,7 @@ def subject_prompts(prompt: str = SUBJECT_PROMPT) -> list[tuple[str, str, str]]:
 
 @dataclass(frozen=True)
 class DreamBoothSettings:
-    """The DreamBooth job the demo, the tests and scripts/quality.py run: the
+    """The DreamBooth job the demo, the tests and -m dreamsight_demo.measure run: the
     subject from four photos as "a sks shape", class prompt "a shape".
 
     Class-prior preservation is off (``num_class_images`` 0) because in this

@@ -1,6 +1,6 @@
 """Build the tiny Stable Diffusion demo pipeline, offline and deterministically.
 
-    python -m diffusion_service.demo_model DIR [--seed N]
+    python -m dreamsight_demo.sd DIR [--seed N]
 
 The result is a diffusers directory that ``StableDiffusionPipeline
 .from_pretrained`` loads like any Stable Diffusion checkpoint: a UNet
@@ -151,7 +151,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         out_dir,
         kind="stable-diffusion",
         seed=seed,
-        builder="python -m diffusion_service.demo_model",
+        builder="python -m dreamsight_demo.sd",
         knows="nothing: random weights, it draws noise",
         details={"resolution": RESOLUTION, "unet_parameters": n_params},
     )

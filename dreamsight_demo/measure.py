@@ -1,6 +1,6 @@
 """Measure the demo models end to end: the figures in docs/quality.md.
 
-    python scripts/quality.py [--home DIR] [--questions N] [--images N] [--skip-dreambooth]
+    python -m dreamsight_demo.measure [--home DIR] [--questions N] [--images N] [--skip-dreambooth]
 
 Measures the judge on drawn ground truth, then starts the stack as
 `dreamsight up` does (gateway, vLLM vision, diffusion, with the trained demo
@@ -26,7 +26,7 @@ from typing import Any
 import dreamsight
 from dreamsight import _up
 
-from shapes import quality, scenes
+from dreamsight_demo.shapes import quality, scenes
 
 STEPS = 20
 

@@ -1,6 +1,6 @@
 """Train the diffusion demo model: a tiny Stable Diffusion that draws shapes.
 
-    python -m diffusion_service.train_demo OUT [--threads N] [--seed N] [--set KEY=VALUE ...]
+    python -m dreamsight_demo.train_sd OUT [--threads N] [--seed N] [--set KEY=VALUE ...]
 
 A diffusers Stable Diffusion directory (VAE, CLIP text encoder with a small
 CLIP BPE vocabulary, UNet, DPM-Solver++ scheduler) making 64x64 images,
@@ -20,7 +20,7 @@ trained from scratch on the CPU in two stages:
 
 Seeded, single-process, torch threads pinned: the same command on the same
 machine writes the same weights. Quality is then measured with the
-:mod:`shapes.judge` on generated images and written, with the training
+:mod:`dreamsight_demo.shapes.judge` on generated images and written, with the training
 configuration and the sha256 of every file, into ``manifest.json``.
 """
 
@@ -39,14 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_service.demo_model import write_clip_tokenizer_files
+from dreamsight_demo.sd import write_clip_tokenizer_files
+from dreamsight_demo.shapes import scenes
+from dreamsight_demo.shapes.judge import judge as judge_image
+from dreamsight_demo.weights import overrides, write_manifest
 from dreamsight_server import torch_compat
 from dreamsight_server.demo_marker import write_marker
-from dreamsight_server.demo_weights import overrides, write_manifest
-from shapes import scenes
-from shapes.judge import judge as judge_image
 
-BUILDER = "python -m diffusion_service.train_demo"
+BUILDER = "python -m dreamsight_demo.train_sd"
 TOKENIZER_MAX_LENGTH = 77
 WORDS = (
     "a an of the photo drawing picture image red green blue yellow purple circle square "

@@ -1,6 +1,6 @@
 """Check the diffusion service's CUDA path on a GPU machine, against its CPU path.
 
-    python scripts/cuda_check.py [--images N] [--devices cuda,cpu] [--no-train] [--out FILE]
+    python -m dreamsight_demo.cuda_check [--images N] [--devices cuda,cpu] [--no-train] [--out FILE]
 
 In one run, the diffusion service on the trained demo model (models/sd-shapes)
 behind the real gateway, called with the public async client, first on CUDA
@@ -35,11 +35,11 @@ import torch
 
 from diffusion_service.config import BaseModel, DiffusionSettings, TrainingSettings
 from diffusion_service.server import start_service
-from dreamsight_server.demo_weights import COMMITTED_ROOT
+from dreamsight_demo.shapes import quality, scenes
+from dreamsight_demo.weights import COMMITTED_ROOT
 from dreamsight_server.lifecycle import ServerOptions
 from gateway.config import GatewaySettings
 from gateway.server import start_gateway
-from shapes import quality, scenes
 
 STEPS = 20
 
@@ -56,7 +56,6 @@ async def measure(device: str, tmp: Path, images: int, train: bool) -> dict[str,
     diffusion = await start_service(
         DiffusionSettings(
             models=(BaseModel("sd-shapes", str(COMMITTED_ROOT / "sd-shapes")),),
-            build_demo_model=False,
             device=device,
             training=TrainingSettings(
                 store=tmp / f"{device}-jobs.sqlite3",

@@ -1,6 +1,6 @@
 """Build the tiny LLaVA-Llama-3 demo model, offline and deterministically.
 
-    python -m vision_service.demo_model DIR [--seed N]
+    python -m dreamsight_demo.llava DIR [--seed N]
 
 The result is a Hugging Face directory that transformers and vLLM load like
 xtuner/llava-llama-3-8b-v1_1-transformers: a CLIP vision tower, a two-layer
@@ -197,7 +197,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         out_dir,
         kind="llava",
         seed=seed,
-        builder="python -m vision_service.demo_model",
+        builder="python -m dreamsight_demo.llava",
         knows="nothing: random weights, the answers are gibberish",
         details={
             "image_size": IMAGE_SIZE,

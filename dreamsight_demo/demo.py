@@ -1,6 +1,6 @@
 """The embedded demo, end to end: what `make demo` runs.
 
-    python scripts/demo.py [--home DIR]
+    python -m dreamsight_demo.demo [--home DIR]
 
 Starts `dreamsight up` (gateway, vision and diffusion on loopback, with the
 small demo models trained on synthetic shapes that come with the source;
@@ -10,7 +10,7 @@ teaches the diffusion model a subject it has never seen (a striped purple
 star, "a sks shape") with a DreamBooth job from four photos, draws the
 subject and a base prompt with the new model, shows the caller's usage and
 shuts down cleanly. Each step prints what it asked, what it got, and whether
-the deterministic judge of the shapes world (``shapes.judge``) agrees. The
+the deterministic judge of the shapes world (``dreamsight_demo.shapes.judge``) agrees. The
 models are toys: they know one flat shape on white, and nothing else.
 """
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import dreamsight
 
-from shapes import quality, scenes
-from shapes.judge import Verdict, judge
+from dreamsight_demo.shapes import quality, scenes
+from dreamsight_demo.shapes.judge import Verdict, judge
 
 PROMPT = ("a blue triangle", "blue", "triangle")
 STEPS = 20

@@ -1,18 +1,19 @@
 """The trained demo models committed with the source, and their manifests.
 
-    python -m dreamsight_server.demo_weights verify [DIR ...]
-    python -m dreamsight_server.demo_weights refresh DIR=KIND [DIR=KIND ...]
+    python -m dreamsight_demo.weights verify [DIR ...]
+    python -m dreamsight_demo.weights install DIR=KIND [DIR=KIND ...]
 
 ``models/llava-shapes`` and ``models/sd-shapes`` at the top of the source
 tree are small models trained on synthetic shapes (see ``shapes``). Each has
 a ``manifest.json``: the command and configuration that trained it, its
-measured quality, and the sha256 of every other file. A service asked for a
-missing ``*-demo`` directory copies the trained model of its kind there when
-the tree has one (and its files match the manifest), instead of building a
-random one. ``refresh`` replaces demo directories that hold random weights
-from an older version by the trained models (``dreamsight up`` runs it).
-Installed elsewhere than a source checkout (the container images), the
-services look under ``$DREAMSIGHT_DEMO_MODELS`` instead.
+measured quality, and the sha256 of every other file. ``install`` (which
+``dreamsight up`` runs before it starts the services; the services
+themselves only run a model directory) copies the trained model of each kind
+into a missing demo directory when the tree has one (and its files match the
+manifest), replaces one that holds random weights from an older version, and
+builds a random-weight one where there is no trained model at all.
+Installed elsewhere than a source checkout, it looks under
+``$DREAMSIGHT_DEMO_MODELS`` instead.
 """
 
 from __future__ import annotations
@@ -182,12 +183,31 @@ def refresh(dest: Path, kind: str, root: Path | None = None) -> str:
     return "replaced"
 
 
+def put_in_place(dest: Path, kind: str, root: Path | None = None) -> str:
+    """What :func:`refresh` does, and where no trained model exists, a random one
+    is built (``built``) so that the plumbing still runs."""
+    done = refresh(dest, kind, root)
+    if dest.exists():
+        return done
+    if kind == "llava":
+        from dreamsight_demo import llava
+
+        llava.build(dest)
+    else:
+        from dreamsight_demo import sd
+
+        sd.build(dest)
+    return "built"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("verify", help="check trained models against their manifests")
     check.add_argument("dirs", nargs="*", type=Path)
-    fresh = sub.add_parser("refresh", help="put trained models where random demo ones are")
+    fresh = sub.add_parser(
+        "install", help="put the trained demo models in place (random ones where none exist)"
+    )
     fresh.add_argument("targets", nargs="+", metavar="DIR=KIND")
     args = parser.parse_args(argv)
     if args.command == "verify":
@@ -202,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         path, _, kind = target.rpartition("=")
         if not path or kind not in TRAINED:
             parser.error(f"bad target {target!r}: expected DIR=KIND, KIND one of {list(TRAINED)}")
-        print(f"{path}: {refresh(Path(path), kind)}")
+        print(f"{path}: {put_in_place(Path(path), kind)}")
 
 
 if __name__ == "__main__":

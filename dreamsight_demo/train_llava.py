@@ -1,8 +1,8 @@
 """Train the vision demo model: a tiny LLaVA-Llama-3 that knows shapes.
 
-    python -m vision_service.train_demo OUT [--threads N] [--steps N] [--seed N] [--set K=V ...]
+    python -m dreamsight_demo.train_llava OUT [--threads N] [--steps N] [--seed N] [--set K=V ...]
 
-Starts from the layout of :mod:`vision_service.demo_model` (CLIP tower at
+Starts from the layout of :mod:`dreamsight_demo.llava` (CLIP tower at
 112 px, patch 14, 64 image tokens; tiny Llama; byte-level BPE with the
 Llama-3 special tokens and ``<image>``; the Llama-3 chat template) and
 teaches it, with plain PyTorch on the CPU, to answer questions about images
@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from dreamsight_demo import llava as demo_model
+from dreamsight_demo.shapes import scenes
+from dreamsight_demo.weights import overrides, write_manifest
 from dreamsight_server import torch_compat
 from dreamsight_server.demo_marker import write_marker
-from dreamsight_server.demo_weights import overrides, write_manifest
-from shapes import scenes
-from vision_service import demo_model
 
-BUILDER = "python -m vision_service.train_demo"
+BUILDER = "python -m dreamsight_demo.train_llava"
 
 
 @dataclass(frozen=True)

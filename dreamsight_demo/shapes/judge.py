@@ -1,6 +1,6 @@
 """A deterministic judge: which colour and which shape an image shows.
 
-    python -m shapes.judge IMAGE [IMAGE ...]
+    python -m dreamsight_demo.shapes.judge IMAGE [IMAGE ...]
 
 No model: the image is scaled to 64x64; pixels with colour (chroma above a
 threshold) are the foreground; a 3x3 majority filter removes speckle; the
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shapes.scenes import ALL_COLOURS, ALL_SHAPES, draw_mask
+from dreamsight_demo.shapes.scenes import ALL_COLOURS, ALL_SHAPES, draw_mask
 
 WORK_SIZE = 64
 TEMPLATE_SIZE = 32

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dreamsight_demo.model_card import write_marker
 from dreamsight_server import torch_compat
-from dreamsight_server.demo_marker import write_marker
 
 IMAGE_TOKEN = "<image>"
 LLAMA3_SPECIAL_TOKENS = [

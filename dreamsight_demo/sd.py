@@ -18,8 +18,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from dreamsight_demo.model_card import write_marker
 from dreamsight_server import torch_compat
-from dreamsight_server.demo_marker import write_marker
 
 RESOLUTION = 64
 TOKENIZER_MAX_LENGTH = 77

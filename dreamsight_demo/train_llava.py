@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from dreamsight_demo import llava as demo_model
+from dreamsight_demo.model_card import write_marker
 from dreamsight_demo.shapes import scenes
 from dreamsight_demo.weights import overrides, write_manifest
 from dreamsight_server import torch_compat
-from dreamsight_server.demo_marker import write_marker
 
 BUILDER = "python -m dreamsight_demo.train_llava"
 
@@ -257,7 +257,8 @@ def save(
         },
         training=[
             f"{config.steps} AdamW steps of {config.batch_size} questions on "
-            f"{config.pool_images} synthetic images (shapes.scenes, seed {config.seed}), "
+            f"{config.pool_images} synthetic images (dreamsight_demo.shapes.scenes, "
+            f"seed {config.seed}), "
             f"{config.threads} CPU thread(s), {took / 60:.1f} minutes",
             f"held-out accuracy (transformers, greedy, {config.eval_questions} questions): "
             + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()),

@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from dreamsight_demo.model_card import write_marker
 from dreamsight_demo.sd import write_clip_tokenizer_files
 from dreamsight_demo.shapes import scenes
 from dreamsight_demo.shapes.judge import judge as judge_image
 from dreamsight_demo.weights import overrides, write_manifest
 from dreamsight_server import torch_compat
-from dreamsight_server.demo_marker import write_marker
 
 BUILDER = "python -m dreamsight_demo.train_sd"
 TOKENIZER_MAX_LENGTH = 77

@@ -76,17 +76,24 @@ class Budgets:
                 )
 
     async def record(
-        self, request_id: str, caller: Caller, service: str, gpu_seconds: float
+        self,
+        ledger_id: str,
+        caller: Caller,
+        service: str,
+        gpu_seconds: float,
+        request_id: str = "",
     ) -> bool:
-        """Bill a request once per request id; False if it was already billed."""
+        """Bill a computation once per ledger id (the gateway's own id of a call or
+        job; the caller's request id is only traced); False if already billed."""
         billed = await self._store.run(
             self._store.sync.record_usage,
-            request_id,
+            ledger_id,
             caller.tenant,
             caller.tier,
             service,
             gpu_seconds,
             time.time(),
+            request_id,
         )
         if billed:  # this replica sees its own billing at once
             for key, (expires, used) in list(self._used.items()):

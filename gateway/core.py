@@ -38,6 +38,8 @@ class Admission:
     service: str
     method: str
     request_id: str
+    """The caller's x-request-id when it sent a valid one, else a fresh one:
+    traced in logs and the ledger, never the ledger's key."""
     lease: Lease | None
     protocol: str = "grpc"
     """The front end that admitted the call: grpc, ollama or openai."""
@@ -45,11 +47,14 @@ class Admission:
     first_chunk_seen: bool = False
     finished: bool = False
     watched_job_ended: bool = False
+    call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """The gateway's own id of this call, unique per admission."""
 
     @property
     def ledger_id(self) -> str:
-        """The ledger key: request ids are the tenant's own namespace."""
-        return f"{self.caller.tenant}:{self.request_id}"
+        """The ledger key: one row per admitted call, whatever id the caller sent
+        (a caller who repeats its request id is billed for every call)."""
+        return f"call:{self.call_id}"
 
 
 class GatewayCore:
@@ -158,7 +163,11 @@ class GatewayCore:
             )
             if gpu_seconds is not None and gpu_seconds > 0:
                 billed = await self.budgets.record(
-                    admission.ledger_id, admission.caller, admission.service, gpu_seconds
+                    admission.ledger_id,
+                    admission.caller,
+                    admission.service,
+                    gpu_seconds,
+                    admission.request_id,
                 )
                 if billed:
                     self.metrics.gpu_seconds.labels(tier, admission.service).inc(gpu_seconds)

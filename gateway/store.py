@@ -32,15 +32,26 @@ _SCHEMA = (
         created_at DOUBLE PRECISION NOT NULL,
         revoked_at DOUBLE PRECISION
     )""",
-    """CREATE TABLE IF NOT EXISTS usage_ledger (
-        request_id TEXT PRIMARY KEY,
+    # One row per computation, keyed by the id the gateway gave it (a call, or
+    # a training job); the caller's request id is only traced, never a key.
+    """CREATE TABLE IF NOT EXISTS gpu_ledger (
+        ledger_id TEXT PRIMARY KEY,
         tenant TEXT NOT NULL,
         tier TEXT NOT NULL,
         service TEXT NOT NULL,
         gpu_seconds DOUBLE PRECISION NOT NULL,
-        recorded_at DOUBLE PRECISION NOT NULL
+        recorded_at DOUBLE PRECISION NOT NULL,
+        request_id TEXT NOT NULL DEFAULT ''
     )""",
-    "CREATE INDEX IF NOT EXISTS usage_by_tenant ON usage_ledger (tenant, recorded_at)",
+    "CREATE INDEX IF NOT EXISTS gpu_ledger_by_tenant ON gpu_ledger (tenant, recorded_at)",
+)
+# Version 1's ledger was keyed by the caller's request id (a caller who sent
+# the same id every time was billed once); its rows move to gpu_ledger as they are.
+_MIGRATE_V1 = (
+    "INSERT INTO gpu_ledger (ledger_id, tenant, tier, service, gpu_seconds, recorded_at, "
+    "request_id) SELECT request_id, tenant, tier, service, gpu_seconds, recorded_at, request_id "
+    "FROM usage_ledger WHERE true ON CONFLICT (ledger_id) DO NOTHING",  # WHERE: SQLite's parser
+    "DROP TABLE usage_ledger",
 )
 
 
@@ -59,9 +70,12 @@ class KeyRow:
 
 @dataclass(frozen=True)
 class UsageEntry:
-    """One metered request."""
+    """One metered computation."""
 
+    ledger_id: str
+    """The gateway's id of the call (``call:...``) or job (``job:...``)."""
     request_id: str
+    """The caller's request id, traced; empty when it sent none."""
     gpu_seconds: float
     recorded_at: float
 
@@ -85,6 +99,19 @@ class SqlStore:
             self._placeholder = "?"
         for statement in _SCHEMA:
             self._execute(statement)
+        if self._has_table("usage_ledger"):
+            for statement in _MIGRATE_V1:
+                self._execute(statement)
+
+    def _has_table(self, name: str) -> bool:
+        if self._placeholder == "?":
+            sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
+        else:
+            sql = (
+                "SELECT tablename FROM pg_tables "
+                "WHERE schemaname = current_schema() AND tablename = ?"
+            )
+        return bool(self._execute(sql, (name,)))
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -133,37 +160,44 @@ class SqlStore:
         return self.get_key(key_id)
 
     def record_usage(
-        self, request_id: str, tenant: str, tier: str, service: str, gpu_seconds: float, at: float
+        self,
+        ledger_id: str,
+        tenant: str,
+        tier: str,
+        service: str,
+        gpu_seconds: float,
+        at: float,
+        request_id: str = "",
     ) -> bool:
-        """Bill a request once; False when this request id was already billed."""
+        """Bill a computation once; False when this ledger id was already billed."""
         rows = self._execute(
-            "INSERT INTO usage_ledger VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-            (request_id, tenant, tier, service, gpu_seconds, at),
+            "INSERT INTO gpu_ledger VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (ledger_id) DO NOTHING RETURNING ledger_id",
+            (ledger_id, tenant, tier, service, gpu_seconds, at, request_id),
         )
         return bool(rows)
 
     def usage_since(self, tenant: str, since: float) -> float:
         """GPU-seconds the tenant used since a time."""
         rows = self._execute(
-            "SELECT COALESCE(SUM(gpu_seconds), 0) FROM usage_ledger "
+            "SELECT COALESCE(SUM(gpu_seconds), 0) FROM gpu_ledger "
             "WHERE tenant = ? AND recorded_at >= ?",
             (tenant, since),
         )
         return float(rows[0][0])
 
     def usage_entries(self, tenant: str, since: float) -> list[UsageEntry]:
-        """The tenant's metered requests since a time, oldest first."""
+        """The tenant's metered computations since a time, oldest first."""
         rows = self._execute(
-            "SELECT request_id, gpu_seconds, recorded_at FROM usage_ledger "
+            "SELECT ledger_id, request_id, gpu_seconds, recorded_at FROM gpu_ledger "
             "WHERE tenant = ? AND recorded_at >= ? ORDER BY recorded_at",
             (tenant, since),
         )
-        return [UsageEntry(str(r[0]), float(r[1]), float(r[2])) for r in rows]
+        return [UsageEntry(str(r[0]), str(r[1]), float(r[2]), float(r[3])) for r in rows]
 
     def total_usage(self) -> tuple[int, float]:
         """Rows and GPU-seconds in the whole ledger (for checks and tests)."""
-        rows = self._execute("SELECT COUNT(*), COALESCE(SUM(gpu_seconds), 0) FROM usage_ledger")
+        rows = self._execute("SELECT COUNT(*), COALESCE(SUM(gpu_seconds), 0) FROM gpu_ledger")
         return int(rows[0][0]), float(rows[0][1])
 
 

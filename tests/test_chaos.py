@@ -268,12 +268,14 @@ async def test_chaos_keeps_every_invariant(
         await stub.GetTrainingJob(
             diffusion_pb2.GetTrainingJobRequest(job_id=job_id), metadata=max_key
         )  # the gateway bills the ended job when it sees it
-        rows = gateway.store.sync._execute("SELECT request_id, gpu_seconds FROM usage_ledger")
-        ledger = {str(r[0]): float(r[1]) for r in rows}
-        assert len(ledger) == len(rows), "no request id twice"
-        jobs = {k: v for k, v in ledger.items() if k.startswith("job:")}
+        rows = gateway.store.sync._execute(
+            "SELECT ledger_id, tenant, request_id, gpu_seconds FROM gpu_ledger"
+        )
+        assert len({r[0] for r in rows}) == len(rows), "no computation billed twice"
+        jobs = {str(r[0]): float(r[3]) for r in rows if str(r[0]).startswith("job:")}
         assert list(jobs) == [f"job:{job_id}"] and jobs[f"job:{job_id}"] > 0
-        calls = {k: v for k, v in ledger.items() if not k.startswith("job:")}
+        calls = {f"{r[1]}:{r[2]}": float(r[3]) for r in rows if str(r[0]).startswith("call:")}
+        assert len(calls) == len(rows) - 1, "each call's own request id, each billed once"
         missing = set(record.completed) - set(calls)
         assert not missing, f"{len(missing)} completed calls not billed"
         for key, gpu in record.completed.items():

@@ -89,7 +89,7 @@ def test_sd_layout_is_what_diffusers_loads() -> None:
 
 
 def _random_demo(path: Path, kind: str) -> Path:
-    from dreamsight_server.demo_marker import write_marker
+    from dreamsight_demo.model_card import write_marker
 
     path.mkdir(parents=True)
     write_marker(path, kind=kind, seed=0, builder="b", knows="nothing", details={})

@@ -223,16 +223,23 @@ async def test_unary_calls_pass_through(gateway: Gateway, channel: grpc.aio.Chan
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_retried_request_id_is_billed_once(
+async def test_a_repeated_request_id_is_billed_for_every_call(
     gateway: Gateway, channel: grpc.aio.Channel
 ) -> None:
+    """The ledger keys on the gateway's own call id: sending the same
+    x-request-id every time (once a way to be billed once for everything)
+    bills every call, and the caller's id is kept for tracing."""
     key = await new_key(gateway, "retry", "pro")
+    rows_before, total_before = gateway.store.sync.total_usage()
     metadata = (*bearer(key), ("x-request-id", "req-1"))
-    await collect(channel, "hi", metadata)
-    await collect(channel, "hi", metadata)
+    for _ in range(3):
+        await collect(channel, "hi", metadata)
     await collect(channel, "hi", (*bearer(key), ("x-request-id", "req-2")))
     rows, total = gateway.store.sync.total_usage()
-    assert rows == 2 and total == pytest.approx(1.0)
+    assert rows - rows_before == 4 and total - total_before == pytest.approx(2.0)
+    entries = gateway.store.sync.usage_entries("retry", 0)
+    assert sorted(e.request_id for e in entries) == ["req-1", "req-1", "req-1", "req-2"]
+    assert len({e.ledger_id for e in entries}) == 4
 
 
 async def test_budget_window_refuses_at_once_and_ledger_survives_restart(

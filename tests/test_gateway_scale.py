@@ -55,7 +55,7 @@ def _fresh_database(dsn: str) -> str:
     return dsn.rsplit("/", 1)[0] + f"/{name}"
 
 
-async def test_postgres_ledger_bills_a_retry_once_and_survives_restart(
+async def test_postgres_ledger_bills_every_call_and_survives_restart(
     tmp_path: Path, backend: FakeBackend, postgres_dsn: str
 ) -> None:
     database = _fresh_database(postgres_dsn)
@@ -66,9 +66,8 @@ async def test_postgres_ledger_bills_a_retry_once_and_survives_restart(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
         same = (*bearer(key), ("x-request-id", "once"))
         await collect(ch, "hi", same)
-        await collect(ch, "hi", same)  # a retry: not billed again
-        assert gw.store.sync.total_usage() == (1, 0.5)
-        await collect(ch, "hi", bearer(key))  # 1.0: spent
+        await collect(ch, "hi", same)  # the same request id: a second computation, billed
+        assert gw.store.sync.total_usage() == (2, 1.0)  # 1.0: spent
     await gw.stop(0)
 
     again = await gateway_for(tmp_path, backend.port, database=database, tiers_file=str(tiers))
@@ -81,6 +80,34 @@ async def test_postgres_ledger_bills_a_retry_once_and_survives_restart(
         assert "5h window" in (caught.value.details() or "")
     finally:
         await again.stop(0)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_version_1_ledger_moves_into_the_new_one(
+    tmp_path: Path, postgres_dsn: str, engine: str
+) -> None:
+    """Rows of the ledger keyed by the caller's request id survive the upgrade."""
+    from gateway.store import SqlStore
+
+    database = str(tmp_path / "v1.sqlite3") if engine == "sqlite" else _fresh_database(postgres_dsn)
+    old = SqlStore(database)
+    old._execute("DROP TABLE gpu_ledger")
+    old._execute(
+        "CREATE TABLE usage_ledger (request_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+        "tier TEXT NOT NULL, service TEXT NOT NULL, gpu_seconds DOUBLE PRECISION NOT NULL, "
+        "recorded_at DOUBLE PRECISION NOT NULL)"
+    )
+    old._execute("INSERT INTO usage_ledger VALUES ('t:r1', 't', 'pro', 'VisionService', 2.5, 1.0)")
+    old.close()
+    store = SqlStore(database)
+    try:
+        (entry,) = store.usage_entries("t", 0)
+        assert (entry.ledger_id, entry.request_id, entry.gpu_seconds) == ("t:r1", "t:r1", 2.5)
+        assert not store._has_table("usage_ledger")
+        assert store.record_usage("call:1", "t", "pro", "VisionService", 1.0, 2.0, "r1")
+        assert store.total_usage() == (2, 3.5)
+    finally:
+        store.close()
 
 
 async def test_two_gateways_sharing_redis_enforce_one_limit(

@@ -339,7 +339,7 @@ def test_dreamsight_up_serves_a_users_own_models(tmp_path: Path) -> None:
         args.max_model_len,
     )  # fmt: skip
     ports = _up.Ports(gateway=1, http=2, vision=3, diffusion=4)
-    commands = _up.service_commands(tmp_path, models, ports, "token")
+    commands = _up.service_commands(tmp_path, models, ports, "token", "backend-secret")
     vision, _ = commands["vision"]
     assert {"--model=org/llava", "--quantization=awq", "--kv-cache-dtype=fp8"} <= set(vision)
     assert "--max-model-len=8192" in vision and "--port=3" in vision
@@ -349,7 +349,7 @@ def test_dreamsight_up_serves_a_users_own_models(tmp_path: Path) -> None:
     assert len(_up.demo_targets(tmp_path, demo)) == 2
     assert (
         f"--model={tmp_path / 'models' / 'llava-demo'}"
-        in _up.service_commands(tmp_path, demo, ports, "token")["vision"][0]
+        in _up.service_commands(tmp_path, demo, ports, "token", "s")["vision"][0]
     )
     gateway_env = commands["gateway"][1]
     assert gateway_env["DREAMSIGHT_GATEWAY_HTTP_PORT"] == "2"
@@ -361,7 +361,8 @@ def test_dreamsight_up_serves_a_users_own_models(tmp_path: Path) -> None:
             "gateway": "gateway.config",
         }[module]
         settings = __import__(parse, fromlist=["parse_settings"]).parse_settings(argv[2:], env)
-        assert settings is not None, f"{name}: the services accept what up passes"
+        secret = settings.backend_secret if module == "gateway" else settings.gateway_secret
+        assert secret == "backend-secret", f"{name}: only the gateway may call the backends"
 
 
 def test_mypy_understands_the_overloads(tmp_path: Path) -> None:

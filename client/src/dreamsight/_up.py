@@ -129,9 +129,11 @@ class Ports:
 
 
 def service_commands(
-    home: Path, models: Models, ports: Ports, admin_token: str
+    home: Path, models: Models, ports: Ports, admin_token: str, backend_secret: str
 ) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Each service's ``python`` arguments and extra environment."""
+    """Each service's ``python`` arguments and extra environment. The backends
+    accept only calls that carry backend_secret (fresh for every start), so no
+    other local process can call them directly and claim a tenant."""
     demo = home / "models"
     vision = ["-m", "vision_service", f"--model={models.vision or demo / 'llava-demo'}",
               f"--port={ports.vision}", "--metrics-port=0", "--grace-seconds=10",
@@ -144,13 +146,13 @@ def service_commands(
         vision.append(f"--kv-cache-dtype={models.kv_cache_dtype}")
     diffusion_model = models.diffusion or f"sd-demo={demo / 'sd-demo'}"
     return {
-        "vision": (vision, {}),
+        "vision": (vision, {"DREAMSIGHT_VISION_GATEWAY_SECRET": backend_secret}),
         "diffusion": (
             ["-m", "diffusion_service", f"--port={ports.diffusion}", "--metrics-port=0",
              f"--model={diffusion_model}", "--grace-seconds=10",
              f"--artifacts-dir={home / 'training'}",
              f"--training-store={home / 'training' / 'jobs.sqlite3'}"],
-            {},
+            {"DREAMSIGHT_DIFFUSION_GATEWAY_SECRET": backend_secret},
         ),
         "gateway": (
             ["-m", "gateway", f"--port={ports.gateway}", "--metrics-port=0",
@@ -158,6 +160,7 @@ def service_commands(
              f"--diffusion-target=127.0.0.1:{ports.diffusion}",
              f"--database={home / 'gateway.sqlite3'}", "--grace-seconds=10"],
             {"DREAMSIGHT_GATEWAY_ADMIN_TOKEN": admin_token,
+             "DREAMSIGHT_GATEWAY_BACKEND_SECRET": backend_secret,
              "DREAMSIGHT_GATEWAY_HTTP_PORT": str(ports.http)},
         ),
     }  # fmt: skip
@@ -192,7 +195,7 @@ def start(
     targets = demo_targets(home, models)
     if targets:
         _install_demo_models(targets, env, quiet)
-    commands = service_commands(home, models, ports, stack.admin_token)
+    commands = service_commands(home, models, ports, stack.admin_token, secrets.token_urlsafe(24))
     try:
         for name, (args, extra_env) in commands.items():
             log = open(home / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop)

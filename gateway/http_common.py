@@ -418,15 +418,73 @@ def _remaining(expires: float | None) -> float | None:
     return max(0.0, expires - asyncio.get_running_loop().time())
 
 
+MAX_JSON_DEPTH = 32
+"""Deepest nesting a request body may have (a chat request needs 5)."""
+_OFF_LOOP_BYTES = 64 * 1024
+"""Bodies larger than this are decoded in a worker thread, off the event loop."""
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object."""
+    """The request body as a JSON object; any malformed body is InvalidArgument.
+
+    The size is bounded by the server's client_max_size (413 beyond it); large
+    bodies are decoded off the event loop, so one tenant's body does not hold
+    every other tenant's calls."""
+    raw = await request.read()
+    charset = request.charset or "utf-8"
+    if len(raw) > _OFF_LOOP_BYTES:
+        return await asyncio.to_thread(decode_json, raw, charset)
+    return decode_json(raw, charset)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(raw: bytes, charset: str = "utf-8") -> dict[str, Any]:
+    """Bytes as a JSON object of bounded depth, with finite numbers only."""
     try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidArgument("body", f"not valid JSON: {error}") from None
+        text = raw.decode(charset)
+    except LookupError:
+        raise InvalidArgument("body", f"unsupported charset {charset[:40]!r}") from None
+    except UnicodeDecodeError as error:
+        raise InvalidArgument("body", f"not valid {charset[:40]}: {error.reason}") from None
+    try:
+        body = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidArgument("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as error:  # JSONDecodeError, huge integers, non-finite numbers
+        raise InvalidArgument("body", f"not valid JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
         raise InvalidArgument("body", "must be a JSON object")
+    _check_structure(body)
     return body
+
+
+def _check_structure(body: Any) -> None:
+    """Bounded depth, and no lone surrogates (``"\\ud800"`` is valid JSON but no
+    string protobuf or a model can take)."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidArgument("body", f"nested deeper than {MAX_JSON_DEPTH} levels")
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        for item in items:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidArgument("body", "a string holds invalid unicode") from None
+            elif isinstance(item, dict | list):
+                stack.append((item, depth + 1))
 
 
 _KINDS = {str: "a string", bool: "a boolean", float: "a number", int: "an integer"}

@@ -295,6 +295,25 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
     assert vision.service.engine.num_unfinished() == 0
 
 
+async def test_a_huge_prompt_is_refused_before_it_is_tokenized(vision: VisionHandle) -> None:
+    """4 MB of text cannot fit 1,024 tokens: refused by its length in characters,
+    without spending the tokenizer's seconds and memory on it."""
+    settings = vision.service.settings
+    huge = "x" * (settings.prompt_char_limit + 1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub(vision).Chat(vision_pb2.ChatRequest(messages=[user(huge)])):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert details.startswith("messages:") and f"{len(huge)} characters" in details, details
+    # A long prompt under the limit is still measured in tokens (off the event loop).
+    long = vision_pb2.ChatRequest(messages=[user("word " * 3000)])
+    with pytest.raises(grpc.aio.AioRpcError) as tokens:
+        async for _ in stub(vision).Chat(long):
+            pass
+    assert "tokens, longer than the model's context" in (tokens.value.details() or "")
+
+
 async def test_unknown_model_is_not_found(vision: VisionHandle) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in stub(vision).Chat(

@@ -44,10 +44,21 @@ class VisionSettings:
     kv_cache_dtype: str = setting("auto", "KV-cache dtype: auto, fp8, fp8_e4m3, fp8_e5m2")
     enforce_eager: bool = setting(False, "run vLLM eagerly (no torch.compile or CUDA graphs)")
     default_max_tokens: int = setting(512, "reply length when a request sets none", minimum=1)
+    max_prompt_chars: int = setting(
+        0,
+        "longest prompt text in characters, refused before it is tokenized; 0: 16 per token "
+        "of --max-model-len",
+        minimum=0,
+    )
     max_stop_strings: int = 16
     gateway_secret: str = gateway_secret_setting()
     images: ImageLimits = group(ImageLimits)
     server: ServerOptions = group(lambda: ServerOptions(port=50052, metrics_port=9102))
+
+    @property
+    def prompt_char_limit(self) -> int:
+        """The longest prompt text, in characters, that is worth tokenizing."""
+        return self.max_prompt_chars or 16 * self.max_model_len
 
     @property
     def model_name(self) -> str:

@@ -34,6 +34,10 @@ from vision_service.metrics import VisionMetrics
 
 log = logging.getLogger(__name__)
 
+_OFF_LOOP_CHARS = 8192
+"""Prompts longer than this are rendered and tokenized in a worker thread, so
+one tenant's long prompt does not stall every other stream on the loop."""
+
 _FINISH = {
     "stop": FinishReason.STOP,
     "length": FinishReason.LENGTH,
@@ -217,7 +221,20 @@ class VllmChatEngine:
         if not self.ready:
             raise Unavailable("the vision model is loading or its engine is down")
         arrival = time.monotonic()
-        prompt_ids = self.render_prompt(request)
+        chars = sum(len(m.text) for m in request.messages)
+        limit = self._settings.prompt_char_limit
+        if chars > limit:
+            # Refused before tokenizing: a huge prompt must not cost the service
+            # seconds of CPU and gigabytes of memory to find out it cannot fit.
+            raise InvalidArgument(
+                "messages",
+                f"the prompt is {chars} characters, more than the {limit} that can fit the "
+                f"model's context of {self._settings.max_model_len} tokens",
+            )
+        if chars > _OFF_LOOP_CHARS:  # template and tokenizer off the event loop
+            prompt_ids = await asyncio.to_thread(self.render_prompt, request)
+        else:
+            prompt_ids = self.render_prompt(request)
         prompt_tokens = self.prompt_length(prompt_ids, request.image_count)
         if prompt_tokens >= self._settings.max_model_len:
             raise InvalidArgument(

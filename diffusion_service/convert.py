@@ -45,6 +45,7 @@ from diffusion_service.domain import (
 )
 from dreamsight_server.errors import InvalidArgument
 from dreamsight_server.images import decode_image
+from dreamsight_server.tenancy import public_source
 
 # Far above the 77-token limit the engine enforces; this only keeps a huge
 # prompt from being tokenized at all.
@@ -184,7 +185,7 @@ def diffusion_model(info: ModelInfo) -> diffusion_pb2.DiffusionModel:
         default_width=info.default_width,
         default_height=info.default_height,
         job_id=info.job_id,
-        source=info.source,
+        source=public_source(info.source),
     )
 
 

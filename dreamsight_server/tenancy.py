@@ -2,21 +2,22 @@
 
 The gateway authenticates callers and sets ``x-dreamsight-tenant`` on every
 call it forwards, together with ``x-dreamsight-gateway-token``, a secret
-shared by the gateway and the backends (a Kubernetes Secret). Backends trust
-the tenant only when the token matches (compared in constant time); without
-a configured secret (the one-machine default on loopback) they trust the
-header as is. mTLS between gateway and backends can replace the token.
+shared by the gateway and the backends (a Kubernetes Secret; ``dreamsight up``
+makes a fresh one at every start). Backends trust the tenant only when the
+token matches (compared in constant time); without a configured secret they
+trust the header as is. mTLS between gateway and backends can replace the token.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
+from pathlib import Path
 
 from dreamsight_server.errors import InvalidArgument, Unauthenticated
 from dreamsight_server.metadata import GATEWAY_TOKEN_HEADER, TENANT_HEADER
 
-__all__ = ["GATEWAY_TOKEN_HEADER", "TENANT_HEADER", "tenant_from_metadata"]
+__all__ = ["GATEWAY_TOKEN_HEADER", "TENANT_HEADER", "public_source", "tenant_from_metadata"]
 
 DEFAULT_TENANT = "local"
 MAX_TENANT_LENGTH = 64
@@ -35,3 +36,11 @@ def tenant_from_metadata(
     if not tenant or len(tenant) > MAX_TENANT_LENGTH or not tenant.isprintable():
         raise InvalidArgument(TENANT_HEADER, f"must be 1 to {MAX_TENANT_LENGTH} printable chars")
     return tenant
+
+
+def public_source(source: str) -> str:
+    """What tenants may see of where a model came from: a hub id as it is, and
+    nothing for a local directory (no tenant-visible field shows a server path)."""
+    if not source or source.startswith(("/", ".", "~")) or Path(source).exists():
+        return ""
+    return source

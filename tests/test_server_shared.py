@@ -244,3 +244,15 @@ def test_tenant_requires_the_gateway_token_when_configured() -> None:
     assert tenant_from_metadata([], None) == "local"
     with pytest.raises(errors.InvalidArgument):
         tenant_from_metadata([(TENANT_HEADER, "x" * 65)], None)
+
+
+def test_no_server_path_reaches_a_tenant(tmp_path: Any) -> None:
+    from dreamsight_server.tenancy import public_source
+
+    assert public_source(str(tmp_path)) == ""
+    assert public_source("/models/llava-demo") == "", "absent here, still a path"
+    assert public_source("./models/x") == "" and public_source("~/m") == ""
+    assert public_source("xtuner/llava-llama-3-8b-v1_1-transformers") == (
+        "xtuner/llava-llama-3-8b-v1_1-transformers"
+    )
+    assert public_source("") == ""

@@ -17,6 +17,7 @@ from google.protobuf import duration_pb2
 
 from dreamsight_server.errors import InvalidArgument, NotFound
 from dreamsight_server.images import ImageLimits, decode_image
+from dreamsight_server.tenancy import public_source
 from vision_service.domain import (
     ChatDelta,
     ChatDone,
@@ -186,5 +187,5 @@ def vision_model(info: ModelInfo) -> vision_pb2.VisionModel:
         max_images_per_request=info.max_images_per_request,
         demo=info.demo,
         origin=common_pb2.MODEL_ORIGIN_DEMO if info.demo else common_pb2.MODEL_ORIGIN_PRETRAINED,
-        source=info.source,
+        source=public_source(info.source),
     )

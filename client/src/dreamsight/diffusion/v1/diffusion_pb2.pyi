@@ -941,7 +941,9 @@ class DiffusionModel(_message.Message):
     job_id: _builtins.str
     """The job that produced a fine-tuned model."""
     source: _builtins.str
-    """The Hugging Face directory or hub id a base model was loaded from."""
+    """The Hugging Face hub id a base model was loaded from; empty for a local
+    directory (no server path is ever shown).
+    """
     def __init__(
         self,
         *,

@@ -415,7 +415,9 @@ class VisionModel(_message.Message):
     origin: _common_pb2.ModelOrigin.ValueType
     """Where the weights came from."""
     source: _builtins.str
-    """The Hugging Face directory or hub id the model was loaded from."""
+    """The Hugging Face hub id the model was loaded from; empty for a local
+    directory (no server path is ever shown).
+    """
     def __init__(
         self,
         *,

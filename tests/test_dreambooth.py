@@ -48,6 +48,7 @@ from diffusion_service.server import DiffusionService, start_service
 from diffusion_service.training import TrainingManager
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
+from dreamsight_server.settings import SettingsError
 from tests.metrics_scrape import metrics_samples
 
 pytestmark = pytest.mark.slow
@@ -424,12 +425,17 @@ def test_training_settings_come_from_flags_and_environment(tmp_path: Path) -> No
         "DREAMSIGHT_DIFFUSION_TRAINING_CONCURRENCY": "2",
         "DREAMSIGHT_DIFFUSION_ARTIFACTS_DIR": str(tmp_path),
     }
-    flags = ["--training-devices=4", "--training-strategy=ddp", "--training-accelerator=gpu"]
+    flags = [
+        "--model=sd-demo=/models/sd",
+        "--training-devices=4",
+        "--training-strategy=ddp",
+        "--training-accelerator=gpu",
+    ]
     t = parse_settings(flags, env).training
     assert (t.concurrency, t.artifacts_dir, t.devices, t.strategy) == (2, tmp_path, 4, "ddp")
     assert (t.accelerator, t.torch_threads, t.store.name) == ("gpu", 1, "jobs.sqlite3")
-    with pytest.raises(SystemExit):
-        parse_settings(["--training-max-images=21"], {})
+    with pytest.raises(SettingsError, match="--training-max-images is at most 20"):
+        parse_settings(["--model=m", "--training-max-images=21"], {})
 
 
 def test_job_ids_and_model_names_cannot_leave_their_directories(tmp_path: Path) -> None:

@@ -205,7 +205,6 @@ def parse(
     env: Mapping[str, str] | None,
     prog: str,
     description: str,
-    defaults: T | None = None,
 ) -> T:
     """Build ``cls`` from flags (None: sys.argv), then its ``cls.ENV_PREFIX``
     variables (from env, or os.environ when None), then its defaults.
@@ -215,7 +214,7 @@ def parse(
     """
     env = os.environ if env is None else env
     env_prefix: str = getattr(cls, "ENV_PREFIX")  # noqa: B009 (a ClassVar of each settings class)
-    base = cls() if defaults is None else defaults
+    base = cls()
     options = _options(cls, base, env_prefix)
     known = {o.env for o in options} | {f"{o.env}_FILE" for o in options if o.spec.secret}
     unknown = sorted(k for k in env if k.startswith(env_prefix) and k not in known)

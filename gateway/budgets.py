@@ -82,6 +82,7 @@ class Budgets:
         service: str,
         gpu_seconds: float,
         request_id: str = "",
+        estimated: bool = False,
     ) -> bool:
         """Bill a computation once per ledger id (the gateway's own id of a call or
         job; the caller's request id is only traced); False if already billed."""
@@ -94,6 +95,7 @@ class Budgets:
             gpu_seconds,
             time.time(),
             request_id,
+            estimated,
         )
         if billed:  # this replica sees its own billing at once
             for key, (expires, used) in list(self._used.items()):

@@ -3,7 +3,8 @@
 One SQL implementation serves SQLite (the one-machine default, a file) and
 PostgreSQL (a ``postgresql://`` DSN, for several gateway replicas); they
 differ only in the connection and the placeholder style. Each ledger row is
-keyed by request id, so recording the same request twice bills it once.
+keyed by the gateway's own id of the call or job, so recording the same
+computation twice bills it once.
 
 The store's methods are synchronous and fast; :class:`AsyncStore` runs them
 on one dedicated thread so the event loop never waits on disk.
@@ -41,7 +42,8 @@ _SCHEMA = (
         service TEXT NOT NULL,
         gpu_seconds DOUBLE PRECISION NOT NULL,
         recorded_at DOUBLE PRECISION NOT NULL,
-        request_id TEXT NOT NULL DEFAULT ''
+        request_id TEXT NOT NULL DEFAULT '',
+        estimated BOOLEAN NOT NULL DEFAULT FALSE
     )""",
     "CREATE INDEX IF NOT EXISTS gpu_ledger_by_tenant ON gpu_ledger (tenant, recorded_at)",
 )
@@ -53,6 +55,8 @@ _MIGRATE_V1 = (
     "FROM usage_ledger WHERE true ON CONFLICT (ledger_id) DO NOTHING",  # WHERE: SQLite's parser
     "DROP TABLE usage_ledger",
 )
+# Version 2's ledger had no estimated column (every row was a backend's report).
+_MIGRATE_V2 = ("ALTER TABLE gpu_ledger ADD COLUMN estimated BOOLEAN NOT NULL DEFAULT FALSE",)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ class UsageEntry:
     """The caller's request id, traced; empty when it sent none."""
     gpu_seconds: float
     recorded_at: float
+    estimated: bool = False
+    """True when the backend could not report (it died mid-call) and the gateway
+    billed an estimate from the elapsed time and the call's device share."""
 
 
 class SqlStore:
@@ -99,6 +106,9 @@ class SqlStore:
             self._placeholder = "?"
         for statement in _SCHEMA:
             self._execute(statement)
+        if "estimated" not in self._columns("gpu_ledger"):
+            for statement in _MIGRATE_V2:
+                self._execute(statement)
         if self._has_table("usage_ledger"):
             for statement in _MIGRATE_V1:
                 self._execute(statement)
@@ -112,6 +122,15 @@ class SqlStore:
                 "WHERE schemaname = current_schema() AND tablename = ?"
             )
         return bool(self._execute(sql, (name,)))
+
+    def _columns(self, table: str) -> set[str]:
+        if self._placeholder == "?":
+            return {str(r[1]) for r in self._execute(f"PRAGMA table_info({table})")}
+        sql = (
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ?"
+        )
+        return {str(r[0]) for r in self._execute(sql, (table,))}
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -168,12 +187,14 @@ class SqlStore:
         gpu_seconds: float,
         at: float,
         request_id: str = "",
+        estimated: bool = False,
     ) -> bool:
         """Bill a computation once; False when this ledger id was already billed."""
         rows = self._execute(
-            "INSERT INTO gpu_ledger VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "INSERT INTO gpu_ledger (ledger_id, tenant, tier, service, gpu_seconds, "
+            "recorded_at, request_id, estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (ledger_id) DO NOTHING RETURNING ledger_id",
-            (ledger_id, tenant, tier, service, gpu_seconds, at, request_id),
+            (ledger_id, tenant, tier, service, gpu_seconds, at, request_id, estimated),
         )
         return bool(rows)
 
@@ -189,11 +210,13 @@ class SqlStore:
     def usage_entries(self, tenant: str, since: float) -> list[UsageEntry]:
         """The tenant's metered computations since a time, oldest first."""
         rows = self._execute(
-            "SELECT ledger_id, request_id, gpu_seconds, recorded_at FROM gpu_ledger "
+            "SELECT ledger_id, request_id, gpu_seconds, recorded_at, estimated FROM gpu_ledger "
             "WHERE tenant = ? AND recorded_at >= ? ORDER BY recorded_at",
             (tenant, since),
         )
-        return [UsageEntry(str(r[0]), str(r[1]), float(r[2]), float(r[3])) for r in rows]
+        return [
+            UsageEntry(str(r[0]), str(r[1]), float(r[2]), float(r[3]), bool(r[4])) for r in rows
+        ]
 
     def total_usage(self) -> tuple[int, float]:
         """Rows and GPU-seconds in the whole ledger (for checks and tests)."""

@@ -110,6 +110,35 @@ def test_a_version_1_ledger_moves_into_the_new_one(
         store.close()
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_version_2_ledger_gains_the_estimated_column(
+    tmp_path: Path, postgres_dsn: str, engine: str
+) -> None:
+    """A ledger from before estimates keeps its rows (all reported) and takes estimates."""
+    from gateway.store import SqlStore
+
+    database = str(tmp_path / "v2.sqlite3") if engine == "sqlite" else _fresh_database(postgres_dsn)
+    old = SqlStore(database)
+    old._execute("DROP TABLE gpu_ledger")
+    old._execute(
+        "CREATE TABLE gpu_ledger (ledger_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+        "tier TEXT NOT NULL, service TEXT NOT NULL, gpu_seconds DOUBLE PRECISION NOT NULL, "
+        "recorded_at DOUBLE PRECISION NOT NULL, request_id TEXT NOT NULL DEFAULT '')"
+    )
+    old._execute(
+        "INSERT INTO gpu_ledger VALUES ('call:a', 't', 'pro', 'VisionService', 2.5, 1.0, 'r')"
+    )
+    old.close()
+    store = SqlStore(database)
+    try:
+        assert store.record_usage("call:b", "t", "pro", "VisionService", 1.0, 2.0, "", True)
+        first, second = store.usage_entries("t", 0)
+        assert (first.ledger_id, first.estimated) == ("call:a", False)
+        assert (second.ledger_id, second.estimated, second.gpu_seconds) == ("call:b", True, 1.0)
+    finally:
+        store.close()
+
+
 async def test_two_gateways_sharing_redis_enforce_one_limit(
     tmp_path: Path, backend: FakeBackend, redis_url: str
 ) -> None:

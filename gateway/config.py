@@ -55,6 +55,14 @@ class GatewaySettings:
         env="LEASE_TTL_SECONDS",
         minimum=1,
     )
+    job_sweep_s: float = setting(
+        5.0,
+        "seconds between rounds that ask the diffusion service about unbilled DreamBooth "
+        "jobs and bill those that ended, whoever watches",
+        flag="job-sweep",
+        env="JOB_SWEEP_SECONDS",
+        minimum=0.1,
+    )
     key_cache_ttl_s: float = 5.0
     """How long a verified key is trusted before the store is asked again."""
     budget_cache_ttl_s: float = 1.0

@@ -45,6 +45,8 @@ class Gateway:
     channels: list[grpc.aio.Channel]
     http: HttpServer | None = None
     """The Ollama/OpenAI HTTP front end, unless settings.http_port is None."""
+    sweeper: asyncio.Task[None] | None = None
+    """Bills DreamBooth jobs that ended, whoever watches (TrainingMeter.sweep_forever)."""
 
     @property
     def port(self) -> int:
@@ -62,6 +64,9 @@ class Gateway:
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, drain within the grace period, close backends and the store."""
         grace = self.settings.server.grace_s if grace_s is None else grace_s
+        if self.sweeper is not None:  # the next gateway's sweeper goes on from the store
+            self.sweeper.cancel()
+            await asyncio.gather(self.sweeper, return_exceptions=True)
         stopping = [self.server.stop(grace)]
         if self.http is not None:
             stopping.append(self.http.stop(grace))
@@ -104,7 +109,7 @@ async def start_gateway(
     name = settings.backend_tls_server_name
     vision = backend_channel(settings.vision_target, max_bytes, credentials, name)
     diffusion = backend_channel(settings.diffusion_target, max_bytes, credentials, name)
-    training = TrainingMeter(core, diffusion)
+    training = TrainingMeter(core, diffusion, store)
     names = [d.full_name for d in (VISION, DIFFUSION, USAGE, ADMIN)]
     server = GrpcServer(settings.server, names, registry)
     server.server.add_generic_rpc_handlers(
@@ -130,5 +135,6 @@ async def start_gateway(
         except BaseException:  # e.g. the port is taken: leave nothing running
             await gateway.stop(0)
             raise
+    gateway.sweeper = asyncio.create_task(training.sweep_forever(settings.job_sweep_s))
     await server.set_serving(True)
     return gateway

@@ -1,4 +1,5 @@
-"""Durable state of the gateway: API keys (hashes only) and the usage ledger.
+"""Durable state of the gateway: API keys (hashes only), the usage ledger, and
+the DreamBooth jobs it saw created (until each is billed).
 
 One SQL implementation serves SQLite (the one-machine default, a file) and
 PostgreSQL (a ``postgresql://`` DSN, for several gateway replicas); they
@@ -46,6 +47,16 @@ _SCHEMA = (
         estimated BOOLEAN NOT NULL DEFAULT FALSE
     )""",
     "CREATE INDEX IF NOT EXISTS gpu_ledger_by_tenant ON gpu_ledger (tenant, recorded_at)",
+    # Every training job the gateway saw created, so that it is billed when it
+    # ends whether or not anyone looks at it again (billed_at: done, billed or not).
+    """CREATE TABLE IF NOT EXISTS training_jobs (
+        job_id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        tier TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        billed_at DOUBLE PRECISION
+    )""",
+    "CREATE INDEX IF NOT EXISTS training_jobs_unbilled ON training_jobs (billed_at, created_at)",
 )
 # Version 1's ledger was keyed by the caller's request id (a caller who sent
 # the same id every time was billed once); its rows move to gpu_ledger as they are.
@@ -85,6 +96,16 @@ class UsageEntry:
     estimated: bool = False
     """True when the backend could not report (it died mid-call) and the gateway
     billed an estimate from the elapsed time and the call's device share."""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A training job the gateway saw created and has not yet billed."""
+
+    job_id: str
+    tenant: str
+    tier: str
+    created_at: float
 
 
 class SqlStore:
@@ -217,6 +238,35 @@ class SqlStore:
         return [
             UsageEntry(str(r[0]), str(r[1]), float(r[2]), float(r[3]), bool(r[4])) for r in rows
         ]
+
+    def remember_job(self, job_id: str, tenant: str, tier: str, at: float) -> None:
+        """Note a training job to bill when it ends (seeing it again changes nothing)."""
+        self._execute(
+            "INSERT INTO training_jobs (job_id, tenant, tier, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (job_id) DO NOTHING",
+            (job_id, tenant, tier, at),
+        )
+
+    def unbilled_jobs(
+        self, tenant: str = "", after: tuple[float, str] = (-1.0, ""), limit: int = 1000
+    ) -> list[JobRow]:
+        """Jobs not yet billed, of one tenant or all, in creation order from after
+        (a job's created_at and job_id, exclusive)."""
+        rows = self._execute(
+            "SELECT job_id, tenant, tier, created_at FROM training_jobs "
+            "WHERE billed_at IS NULL AND (? = '' OR tenant = ?) "
+            "AND (created_at > ? OR (created_at = ? AND job_id > ?)) "
+            "ORDER BY created_at, job_id LIMIT ?",
+            (tenant, tenant, after[0], after[0], after[1], limit),
+        )
+        return [JobRow(str(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
+
+    def mark_job_billed(self, job_id: str, at: float) -> None:
+        """A job is done with: billed (here or elsewhere), or gone."""
+        self._execute(
+            "UPDATE training_jobs SET billed_at = ? WHERE job_id = ? AND billed_at IS NULL",
+            (at, job_id),
+        )
 
     def total_usage(self) -> tuple[int, float]:
         """Rows and GPU-seconds in the whole ledger (for checks and tests)."""

@@ -67,7 +67,7 @@ class FineTunedModels:
         self._store.save_model(SavedModel(r.name, r.owner_tenant, r.base_model, r.job_id, r.path))
 
     def forget(self, registration: SavedRegistration) -> None:
-        self._store.delete_model(registration.name)
+        self._store.delete_model(registration.name, registration.owner_tenant)
         path = Path(registration.path)
         # Only directories this service exported; a registered outside
         # directory (an operator's) is never deleted.

@@ -3,8 +3,10 @@
 One file holds everything a restart must not lose: each job (owner, state,
 resolved parameters, progress, GPU-seconds, timestamps, the model name it
 reserves), each job's event history (what a late watcher replays), and the
-registrations of fine-tuned models. Every change is one transaction (WAL
-journal), so a crash leaves either the old or the new state.
+registrations of fine-tuned models, keyed by owner tenant and name (names
+are per tenant; schema 1 keyed them by name alone and is migrated on open).
+Every change is one transaction (WAL journal), so a crash leaves either the
+old or the new state.
 
 The file is created on the first write: a service that never trains leaves
 no store behind. Calls are short and synchronous (the service makes them
@@ -40,8 +42,18 @@ from diffusion_service.domain import (
 )
 from diffusion_service.dreambooth.params import JobParams
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
+SCHEMA_VERSION = 2
+_FINE_TUNED_MODELS = """
+CREATE TABLE IF NOT EXISTS fine_tuned_models (
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
+)"""
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL UNIQUE,
@@ -75,14 +87,7 @@ CREATE TABLE IF NOT EXISTS job_events (
     blob BLOB,
     PRIMARY KEY (job_id, seq)
 );
-CREATE TABLE IF NOT EXISTS fine_tuned_models (
-    name TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    base_model TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    path TEXT NOT NULL,
-    create_time REAL NOT NULL
-);
+{_FINE_TUNED_MODELS};
 """
 _ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
 _JOB_FIELDS = {
@@ -156,6 +161,7 @@ class JobStore:
                 raise RuntimeError(
                     f"{self.path} has schema {version}, newer than this service's {SCHEMA_VERSION}"
                 )
+            _migrate_fine_tuned_models(conn)
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._conn = conn
@@ -273,11 +279,12 @@ class JobStore:
         )
         return int(rows[0][0]) if rows else 0
 
-    def name_reserved(self, model_name: str) -> bool:
-        """Whether a queued or running job will create a model of this name."""
+    def name_reserved(self, model_name: str, tenant: str) -> bool:
+        """Whether a queued or running job of the tenant will create a model
+        of this name (names are per tenant: other tenants' jobs do not count)."""
         rows = self._read(
-            "SELECT 1 FROM jobs WHERE model_name = ? AND state IN (?, ?) LIMIT 1",
-            (model_name, *_ACTIVE),
+            "SELECT 1 FROM jobs WHERE tenant = ? AND model_name = ? AND state IN (?, ?) LIMIT 1",
+            (tenant, model_name, *_ACTIVE),
         )
         return bool(rows)
 
@@ -345,7 +352,7 @@ class JobStore:
     # Fine-tuned models.
 
     def save_model(self, model: SavedModel) -> None:
-        """Persist a registration (replacing a stale one of the same name)."""
+        """Persist a registration (replacing a stale one of the same owner and name)."""
         with self._write() as db:
             db.execute(
                 "INSERT OR REPLACE INTO fine_tuned_models"
@@ -353,10 +360,12 @@ class JobStore:
                 (model.name, model.tenant, model.base_model, model.job_id, model.path, time.time()),
             )
 
-    def delete_model(self, name: str) -> None:
-        """Forget a registration."""
+    def delete_model(self, name: str, tenant: str) -> None:
+        """Forget the tenant's registration of that name."""
         with self._write() as db:
-            db.execute("DELETE FROM fine_tuned_models WHERE name = ?", (name,))
+            db.execute(
+                "DELETE FROM fine_tuned_models WHERE tenant = ? AND name = ?", (tenant, name)
+            )
 
     def models(self) -> list[SavedModel]:
         """Every persisted registration, oldest first."""
@@ -365,6 +374,28 @@ class JobStore:
             " ORDER BY create_time"
         )
         return [SavedModel(**dict(r)) for r in rows]
+
+
+def _migrate_fine_tuned_models(conn: sqlite3.Connection) -> None:
+    """Re-key schema 1's fine_tuned_models (name alone) by (tenant, name),
+    keeping every row; a no-op on a new or already migrated file."""
+    columns = conn.execute("PRAGMA table_info(fine_tuned_models)").fetchall()
+    keyed_by = [c["name"] for c in sorted(columns, key=lambda c: c["pk"]) if c["pk"]]
+    if not columns or keyed_by == ["tenant", "name"]:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("ALTER TABLE fine_tuned_models RENAME TO fine_tuned_models_v1")
+        conn.execute(_FINE_TUNED_MODELS)
+        conn.execute(
+            "INSERT INTO fine_tuned_models (name, tenant, base_model, job_id, path, create_time)"
+            " SELECT name, tenant, base_model, job_id, path, create_time FROM fine_tuned_models_v1"
+        )
+        conn.execute("DROP TABLE fine_tuned_models_v1")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _job(row: sqlite3.Row) -> StoredJob:

@@ -108,6 +108,9 @@ def load_pipeline(source: str, device: str, dtype: Any) -> Any:
 class PipelineCache:
     """Loaded pipelines, at most ``capacity``, least recently used evicted.
 
+    Keyed by name and source together: two tenants' fine-tuned models may
+    share a name (names are per tenant), never a loaded pipeline.
+
     An evicted pipeline stays alive while requests still run on it (they
     hold a reference) and is freed when they finish; the next request for
     it loads it again. Two requests for a model that is not loaded wait for
@@ -124,45 +127,47 @@ class PipelineCache:
         self._loader = loader
         self._on_change = on_change
         self._lock = threading.Lock()
-        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._loading: dict[str, threading.Lock] = {}
+        self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
 
     def get(self, name: str, source: str) -> LoadedModel:
         """The loaded model, loading it (and evicting another) if needed."""
+        key = (name, source)
         with self._lock:
-            hit = self._loaded.get(name)
+            hit = self._loaded.get(key)
             if hit is not None:
-                self._loaded.move_to_end(name)
+                self._loaded.move_to_end(key)
                 return hit
-            gate = self._loading.setdefault(name, threading.Lock())
+            gate = self._loading.setdefault(key, threading.Lock())
         with gate:
             with self._lock:
-                hit = self._loaded.get(name)
+                hit = self._loaded.get(key)
                 if hit is not None:
-                    self._loaded.move_to_end(name)
+                    self._loaded.move_to_end(key)
                     return hit
             model = self._loader(name, source)
             with self._lock:
-                self._loaded[name] = model
+                self._loaded[key] = model
                 while len(self._loaded) > self._capacity:
-                    evicted, _ = self._loaded.popitem(last=False)
+                    (evicted, _), _ = self._loaded.popitem(last=False)
                     log.info("evicted model %s (keeping %d loaded)", evicted, self._capacity)
-                self._loading.pop(name, None)
+                self._loading.pop(key, None)
                 count = len(self._loaded)
         self._on_change(count)
         return model
 
     def evict(self, name: str) -> None:
-        """Drop a model (running requests finish on it first)."""
+        """Drop the models of that name (running requests finish on them first)."""
         with self._lock:
-            self._loaded.pop(name, None)
+            for key in [k for k in self._loaded if k[0] == name]:
+                del self._loaded[key]
             count = len(self._loaded)
         self._on_change(count)
 
     def loaded(self) -> list[str]:
-        """Loaded models, least recently used first."""
+        """Loaded models' names, least recently used first."""
         with self._lock:
-            return list(self._loaded)
+            return [name for name, _ in self._loaded]
 
     def clear(self) -> None:
         """Drop every model."""

@@ -1,8 +1,12 @@
 """The models a diffusion worker knows, and who may use them.
 
 Base models are shared by every tenant. A fine-tuned model belongs to the
-tenant whose job trained it: other tenants cannot see it in ListModels and
-get PERMISSION_DENIED when they name it. :meth:`ModelRegistry.register_fine_tuned`
+tenant whose job trained it, and its name to that tenant's namespace: two
+tenants may each own a model called ``my-dog``, and a fine-tuned name never
+shadows a base model's. Another tenant's model is, to everyone else, exactly
+a model that does not exist: absent from ListModels, NOT_FOUND with the same
+message as a missing name, so no tenant can squat a name another wants or
+learn that it exists. :meth:`ModelRegistry.register_fine_tuned`
 is the hook the DreamBooth trainer calls when a job succeeds. With a
 :class:`ModelPersistence` (the training job store), fine-tuned registrations
 are saved as they are made, deleted with their files, and read back by
@@ -110,7 +114,8 @@ def describe(source: str) -> Description:
 
 
 class ModelRegistry:
-    """Thread-safe name -> model map with tenancy checks."""
+    """Thread-safe map of base models (by name) and fine-tuned models (by
+    owner tenant and name), with tenancy checks."""
 
     def __init__(
         self,
@@ -120,7 +125,9 @@ class ModelRegistry:
         self._describe = describer
         self._persistence = persistence
         self._lock = threading.Lock()
-        self._entries: dict[str, ModelEntry] = {}
+        self._base: dict[str, ModelEntry] = {}
+        self._fine_tuned: dict[tuple[str, str], ModelEntry] = {}
+        """Keyed by (owner tenant, name)."""
         self._default = ""
 
     @property
@@ -141,9 +148,12 @@ class ModelRegistry:
             source=model.source,
         )
         with self._lock:
-            if model.name in self._entries:
+            taken = model.name in self._base or any(
+                name == model.name for _, name in self._fine_tuned
+            )
+            if taken:
                 raise FailedPrecondition(f"model {model.name!r} already exists")
-            self._entries[model.name] = ModelEntry(info, model.source, desc)
+            self._base[model.name] = ModelEntry(info, model.source, desc)
             self._default = self._default or model.name
         return info
 
@@ -158,20 +168,22 @@ class ModelRegistry:
     ) -> ModelInfo:
         """Register a tenant's fine-tuned pipeline directory under ``name``.
 
-        Names are unique across tenants. Raises NotFound for an unknown base
-        model and FailedPrecondition for a taken name or an unreadable
-        directory. The registration is persisted (when the registry has a
-        persistence) before it is visible. Reads small files: call it off
-        the event loop.
+        Names are per tenant: ``name`` is taken only by a base model or by
+        one of ``owner_tenant``'s own models, never by another tenant's.
+        Raises NotFound for an unknown base model and FailedPrecondition for
+        a taken name or an unreadable directory. The registration is
+        persisted (when the registry has a persistence) before it is
+        visible. Reads small files: call it off the event loop.
         """
         _check_name(name)
         if not owner_tenant:
             raise FailedPrecondition("a fine-tuned model needs an owner tenant")
+        key = (owner_tenant, name)
         with self._lock:
-            base = self._entries.get(base_model)
-            if base is None or base.info.fine_tuned:
+            base = self._base.get(base_model)
+            if base is None:
                 raise NotFound(f"base model {base_model!r} not found")
-            if name in self._entries:
+            if name in self._base or key in self._fine_tuned:
                 raise FailedPrecondition(f"model {name!r} already exists")
         try:
             desc = self._describe(str(path))
@@ -189,13 +201,13 @@ class ModelRegistry:
             owner=owner_tenant,
         )
         with self._lock:
-            if name in self._entries:
+            if name in self._base or key in self._fine_tuned:
                 raise FailedPrecondition(f"model {name!r} already exists")
             if persist and self._persistence is not None:
                 self._persistence.save(
                     SavedRegistration(name, str(path), owner_tenant, base_model, job_id)
                 )
-            self._entries[name] = ModelEntry(info, str(path), desc)
+            self._fine_tuned[key] = ModelEntry(info, str(path), desc)
         return info
 
     def restore(self) -> int:
@@ -224,47 +236,57 @@ class ModelRegistry:
             restored += 1
         return restored
 
-    def get(self, name: str) -> ModelEntry | None:
-        """The entry of that name, for any tenant (no tenancy check)."""
+    def get(self, name: str, tenant: str) -> ModelEntry | None:
+        """What ``name`` means to ``tenant``: a base model or one of its own
+        fine-tuned models; None otherwise (another tenant's is None too)."""
         with self._lock:
-            return self._entries.get(name)
+            return self._lookup(name, tenant)
 
     def resolve(self, name: str, tenant: str) -> ModelEntry:
-        """The model a tenant may generate with; empty name means the default."""
+        """The model a tenant may generate with; empty name means the default.
+
+        Another tenant's model raises the very NotFound a missing one does.
+        """
         with self._lock:
-            entry = self._entries.get(name or self._default)
+            entry = self._lookup(name or self._default, tenant)
         if entry is None:
             raise NotFound(f"model {name!r} not found")
-        if entry.info.fine_tuned and entry.info.owner != tenant:
-            raise PermissionDenied(f"model {name!r} belongs to another tenant")
         return entry
 
     def contains(self, entry: ModelEntry) -> bool:
         """Whether this very entry is still registered (not deleted or replaced)."""
+        info = entry.info
         with self._lock:
-            return self._entries.get(entry.info.name) is entry
+            if info.fine_tuned:
+                return self._fine_tuned.get((info.owner, info.name)) is entry
+            return self._base.get(info.name) is entry
 
     def visible(self, tenant: str) -> list[ModelInfo]:
         """Base models (in configured order), then the tenant's fine-tuned models."""
         with self._lock:
-            infos = [e.info for e in self._entries.values()]
-        base = [i for i in infos if not i.fine_tuned]
-        own = [i for i in infos if i.fine_tuned and i.owner == tenant]
+            base = [e.info for e in self._base.values()]
+            own = [e.info for (owner, _), e in self._fine_tuned.items() if owner == tenant]
         return base + own
+
+    def _lookup(self, name: str, tenant: str) -> ModelEntry | None:
+        # Base names cannot be shadowed (registration refuses them).
+        return self._base.get(name) or self._fine_tuned.get((tenant, name))
 
     def delete(self, name: str, tenant: str) -> ModelEntry:
         """Forget one of the tenant's fine-tuned models, and delete its
         persisted registration and the files the persistence owns (a
-        directory registered from elsewhere is left alone)."""
+        directory registered from elsewhere is left alone).
+
+        A base model is PermissionDenied (base models are public: that
+        reveals nothing); another tenant's model is NotFound, as a missing
+        one is.
+        """
         with self._lock:
-            entry = self._entries.get(name)
+            if name in self._base:
+                raise PermissionDenied(f"model {name!r} is a shared base model")
+            entry = self._fine_tuned.pop((tenant, name), None)
             if entry is None:
                 raise NotFound(f"model {name!r} not found")
-            if not entry.info.fine_tuned:
-                raise PermissionDenied(f"model {name!r} is a shared base model")
-            if entry.info.owner != tenant:
-                raise PermissionDenied(f"model {name!r} belongs to another tenant")
-            del self._entries[name]
         if self._persistence is not None:
             info = entry.info
             self._persistence.forget(

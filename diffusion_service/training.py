@@ -385,7 +385,9 @@ class TrainingManager:
                 "spec.output_model_name",
                 f"{name!r} must be 1 to 100 letters, digits or ._- starting with a letter or digit",
             )
-        if self._registry.get(name) is not None or self._store.name_reserved(name):
+        # Names are per tenant: only a base model, the tenant's own models and
+        # its own active jobs take one (another tenant's never shows here).
+        if self._registry.get(name, tenant) is not None or self._store.name_reserved(name, tenant):
             raise FailedPrecondition(
                 f"spec.output_model_name: a model named {name!r} exists or another job will create "
                 "it; choose another name"
@@ -536,7 +538,7 @@ class TrainingManager:
     async def _run_process(self, worker: _Worker) -> int:
         job, s = worker.job, self._settings
         job_dir = self._files.job_dir(job.job_id)
-        entry = self._registry.get(job.params.base_model)
+        entry = self._registry.get(job.params.base_model, job.tenant)
         if entry is None:
             raise NotFound(f"base model {job.params.base_model!r} is no longer served")
         runtime = WorkerRuntime(
@@ -680,9 +682,9 @@ class TrainingManager:
         """Move the export into place, register it, then mark the job done."""
         self._finalizing.add(job.job_id)
         name = job.model_name
-        final = self._files.model_dir(name)
+        final = self._files.model_dir(_model_dir_name(name, job.job_id))
         try:
-            registered = self._registry.get(name)
+            registered = self._registry.get(name, job.tenant)
             if registered is None or registered.info.job_id != job.job_id:
                 partial = self._files.partial_export(job.job_id)
                 await asyncio.to_thread(move_into_place, partial, final)
@@ -742,6 +744,12 @@ def _shown(params: JobParams) -> dict[str, Any]:
     """The job parameters a TrainingSettingsView reports, by field name."""
     named = {f.name for f in fields(TrainingSettingsView)} - {"output_model_name"}
     return {name: getattr(params, name) for name in named}
+
+
+def _model_dir_name(name: str, job_id: str) -> str:
+    """The directory of the model a job exports: unique per job (it ends in the
+    22-character job id), since two tenants may each own a model of one name."""
+    return f"{name[:70]}-{job_id}"
 
 
 def _default_name(base_model: str, job_id: str) -> str:

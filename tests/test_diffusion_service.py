@@ -11,6 +11,7 @@ import asyncio
 import io
 import math
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from diffusion_service.config import (
 )
 from diffusion_service.engine import DiffusersEngine
 from diffusion_service.server import DiffusionService, start_service
+from dreamsight_server.errors import FailedPrecondition
 from dreamsight_server.lifecycle import ServerOptions
 from tests.metrics_scrape import metrics_samples
 from tests.service_process import ServiceProcess
@@ -379,9 +381,9 @@ async def test_fine_tuned_models_belong_to_their_tenant(diffusion: DiffusionHand
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generate(diffusion, "tenant-b", model="a-dog", steps=1)
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     for who, name, code in [
-        ("tenant-b", "a-dog", grpc.StatusCode.PERMISSION_DENIED),
+        ("tenant-b", "a-dog", grpc.StatusCode.NOT_FOUND),
         ("tenant-a", "sd-demo", grpc.StatusCode.PERMISSION_DENIED),
         ("tenant-a", "nope", grpc.StatusCode.NOT_FOUND),
     ]:
@@ -401,6 +403,103 @@ async def test_fine_tuned_models_belong_to_their_tenant(diffusion: DiffusionHand
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generate(diffusion, "tenant-a", model="a-dog", steps=1)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def a_different_pipeline(sd_dir: Path, dest: Path) -> Path:
+    """A copy of the demo pipeline whose VAE decodes differently (same configs)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(sd_dir, dest)
+    (weights,) = (dest / "vae").glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors["decoder.conv_out.bias"] += 0.5
+    save_file(tensors, weights)
+    return dest
+
+
+async def test_two_tenants_each_own_a_model_of_one_name_and_generate_with_their_own(
+    diffusion: DiffusionHandle, tmp_path: Path
+) -> None:
+    """Names are per tenant: tenant-b can take "my-dog" although tenant-a has
+    one, and each tenant's "my-dog" is its own pipeline (one pipeline fits in
+    this service's memory, so the second load evicts the first)."""
+    engine, stub = diffusion.engine, diffusion.stub
+    other = await asyncio.to_thread(a_different_pipeline, diffusion.sd_dir, tmp_path / "b-dog")
+    await asyncio.to_thread(
+        engine.register_fine_tuned, "my-dog", diffusion.sd_dir, "tenant-a", "sd-demo", "ja"
+    )
+    await asyncio.to_thread(
+        engine.register_fine_tuned, "my-dog", other, "tenant-b", "sd-demo", "jb"
+    )
+    with pytest.raises(FailedPrecondition, match="already exists"):
+        engine.register_fine_tuned("my-dog", other, "tenant-b", "sd-demo", "jb2")
+    with pytest.raises(FailedPrecondition, match="already exists"):
+        engine.register_fine_tuned("sd-demo", other, "tenant-b", "sd-demo", "jb3")
+
+    for who, job_id in (("tenant-a", "ja"), ("tenant-b", "jb")):
+        listed = await stub.ListModels(diffusion_pb2.ListModelsRequest(), metadata=tenant(who))
+        assert [(m.name, m.job_id) for m in listed.models] == [("sd-demo", ""), ("my-dog", job_id)]
+    base = await generate(diffusion, "tenant-a", model="sd-demo", steps=1)
+    a_dog = await generate(diffusion, "tenant-a", model="my-dog", steps=1)
+    b_dog = await generate(diffusion, "tenant-b", model="my-dog", steps=1)
+    again = await generate(diffusion, "tenant-a", model="my-dog", steps=1)
+    assert a_dog.result.model == b_dog.result.model == "my-dog"
+    assert a_dog.pngs == base.pngs == again.pngs, "tenant-a's my-dog is the demo pipeline"
+    assert b_dog.pngs != a_dog.pngs, "tenant-b's my-dog is its own pipeline"
+
+    await stub.DeleteModel(
+        diffusion_pb2.DeleteModelRequest(name="my-dog"), metadata=tenant("tenant-b")
+    )
+    assert (await generate(diffusion, "tenant-a", model="my-dog", steps=1)).pngs == a_dog.pngs
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await generate(diffusion, "tenant-b", model="my-dog", steps=1)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    await stub.DeleteModel(
+        diffusion_pb2.DeleteModelRequest(name="my-dog"), metadata=tenant("tenant-a")
+    )
+
+
+async def test_another_tenants_model_answers_exactly_as_a_missing_one(
+    diffusion: DiffusionHandle,
+) -> None:
+    """Generate and DeleteModel on tenant-a's model, called by tenant-b, give
+    the status, message and details a never-registered name gives: nothing
+    tells that the name exists."""
+    await asyncio.to_thread(
+        diffusion.engine.register_fine_tuned,
+        "secret-dog", diffusion.sd_dir, "tenant-a", "sd-demo", "js",
+    )  # fmt: skip
+    stub = diffusion.stub
+
+    async def failure(call: str, name: str) -> tuple[Any, ...]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if call == "generate":
+                await generate(diffusion, "tenant-b", model=name, steps=1)
+            else:
+                request = diffusion_pb2.DeleteModelRequest(name=name)
+                await stub.DeleteModel(request, metadata=tenant("tenant-b"))
+        error = caught.value
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        shown = status.SerializeToString().replace(name.encode(), b"NAME") if status else None
+        return error.code(), (error.details() or "").replace(name, "NAME"), shown
+
+    try:
+        for call in ("generate", "delete"):
+            theirs = await failure(call, "secret-dog")
+            missing = await failure(call, "absent-dog")  # same length: same bytes
+            assert theirs == missing, call
+            assert theirs[:2] == (grpc.StatusCode.NOT_FOUND, "model 'NAME' not found"), call
+        listed = await stub.ListModels(
+            diffusion_pb2.ListModelsRequest(), metadata=tenant("tenant-b")
+        )
+        assert [m.name for m in listed.models] == ["sd-demo"]
+        # Still tenant-a's, untouched by the attempts.
+        outcome = await generate(diffusion, "tenant-a", model="secret-dog", steps=1)
+        assert outcome.result.model == "secret-dog"
+    finally:
+        await stub.DeleteModel(
+            diffusion_pb2.DeleteModelRequest(name="secret-dog"), metadata=tenant("tenant-a")
+        )
 
 
 async def test_lru_eviction_reloads_the_model(diffusion: DiffusionHandle) -> None:

@@ -14,7 +14,9 @@ import io
 import math
 import os
 import signal
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from diffusion_service.artifacts import JobFiles
+from diffusion_service.artifacts import FineTunedModels, JobFiles
 from diffusion_service.config import (
     BaseModel,
     DiffusionSettings,
@@ -44,8 +46,11 @@ from diffusion_service.dreambooth.params import (
     TrainerOptions,
     load_defaults,
 )
+from diffusion_service.job_store import JobStore
+from diffusion_service.registry import ModelRegistry
 from diffusion_service.server import DiffusionService, start_service
 from diffusion_service.training import TrainingManager
+from dreamsight_server.errors import NotFound
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
 from dreamsight_server.settings import SettingsError
@@ -209,6 +214,15 @@ async def generate(t: Training, who: str, model: str) -> diffusion_pb2.GenerateR
         if response.WhichOneof("event") == "result":
             return response.result
     raise AssertionError("no result")
+
+
+def model_dir(t: Training, who: str, name: str) -> Path:
+    """Where the tenant's fine-tuned model of that name lives (one directory per job)."""
+    entry = t.service.engine.registry.get(name, who)
+    assert entry is not None and entry.info.owner == who, (who, name)
+    path = Path(entry.source)
+    assert path.parent == t.files.models and path.name.endswith(f"-{entry.info.job_id}")
+    return path
 
 
 async def wait_idle(t: Training) -> None:
@@ -449,6 +463,74 @@ def test_job_ids_and_model_names_cannot_leave_their_directories(tmp_path: Path) 
     assert files.model_dir("alice-dog.v2") == tmp_path / "models" / "alice-dog.v2"
 
 
+@contextmanager
+def persisted_registry(sd_dir: Path, root: Path) -> Iterator[ModelRegistry]:
+    """A registry over the store and artifacts under root, as a fresh service
+    would build it: base model added, persisted fine-tuned models restored."""
+    store = JobStore(root / "jobs.sqlite3")
+    registry = ModelRegistry(persistence=FineTunedModels(store, JobFiles(root / "artifacts")))
+    registry.add_base(BaseModel("sd-demo", str(sd_dir)))
+    try:
+        yield registry
+    finally:
+        store.close()
+
+
+def fine_tuned(registry: ModelRegistry, tenant: str) -> list[tuple[str, str]]:
+    return [(i.name, i.job_id) for i in registry.visible(tenant) if i.fine_tuned]
+
+
+def test_two_tenants_models_of_one_name_are_restored_after_a_restart(
+    sd_dir: Path, tmp_path: Path
+) -> None:
+    with persisted_registry(sd_dir, tmp_path) as first:
+        assert first.restore() == 0
+        first.register_fine_tuned("my-dog", sd_dir, "alice", "sd-demo", "job-a")
+        first.register_fine_tuned("my-dog", sd_dir, "bob", "sd-demo", "job-b")
+    with persisted_registry(sd_dir, tmp_path) as second:
+        assert second.restore() == 2
+        assert fine_tuned(second, "alice") == [("my-dog", "job-a")]
+        assert fine_tuned(second, "bob") == [("my-dog", "job-b")]
+        assert fine_tuned(second, "mallory") == []
+        assert second.resolve("my-dog", "bob").info.job_id == "job-b"
+        second.delete("my-dog", "bob")  # only bob's row goes
+    with persisted_registry(sd_dir, tmp_path) as third:
+        assert third.restore() == 1
+        assert third.resolve("my-dog", "alice").info.job_id == "job-a"
+        with pytest.raises(NotFound, match=r"^model 'my-dog' not found$"):
+            third.resolve("my-dog", "bob")
+    assert sd_dir.is_dir(), "a directory from outside the artifacts is never deleted"
+
+
+def test_a_schema_1_store_keyed_by_name_alone_is_migrated(sd_dir: Path, tmp_path: Path) -> None:
+    """A store written before names were per tenant still loads, and its
+    models then share their names with other tenants' like any other."""
+    old = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    old.executescript(
+        "CREATE TABLE fine_tuned_models (name TEXT PRIMARY KEY, tenant TEXT NOT NULL,"
+        " base_model TEXT NOT NULL, job_id TEXT NOT NULL, path TEXT NOT NULL,"
+        " create_time REAL NOT NULL);"
+        f"INSERT INTO fine_tuned_models VALUES ('my-dog', 'alice', 'sd-demo', 'job-a',"
+        f" '{sd_dir}', 1.0);"
+        "PRAGMA user_version=1;"
+    )
+    old.close()
+    with persisted_registry(sd_dir, tmp_path) as registry:
+        assert registry.restore() == 1
+        registry.register_fine_tuned("my-dog", sd_dir, "bob", "sd-demo", "job-b")
+    with persisted_registry(sd_dir, tmp_path) as registry:
+        assert registry.restore() == 2
+        assert fine_tuned(registry, "alice") == [("my-dog", "job-a")]
+        assert fine_tuned(registry, "bob") == [("my-dog", "job-b")]
+    check = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    try:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+        tables = check.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        assert ("fine_tuned_models_v1",) not in tables
+    finally:
+        check.close()
+
+
 # The service.
 
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
@@ -611,9 +693,9 @@ async def test_job_trains_exports_and_its_model_generates(training: Training, sd
     result = await generate(training, "alice", "alice-dog")
     assert result.model == "alice-dog" and len(result.images) == 1
 
-    model_dir = training.files.model_dir("alice-dog")
+    model_dir_ = model_dir(training, "alice", "alice-dog")
     for part, changed in [("unet", True), ("text_encoder", True), ("vae", False)]:
-        same = same_weights(weights(model_dir, part), weights(sd_dir, part))
+        same = same_weights(weights(model_dir_, part), weights(sd_dir, part))
         assert same != changed, part
     job_dir = training.files.job_dir(job.job_id)
     assert list((job_dir / "tensorboard" / "run").glob("events.out.tfevents.*"))
@@ -649,9 +731,9 @@ async def test_a_second_job_of_the_same_class_reuses_its_images(
     assert [(c.done, c.total) for c in kinds(events, "class_images")] == [(2, 2)], "all cached"
     assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == before
     assert [p for p in cache.iterdir() if p.is_dir()] == [entry]
-    model_dir = training.files.model_dir("alice-dog-2")
-    assert not same_weights(weights(model_dir, "unet"), weights(sd_dir, "unet"))
-    assert same_weights(weights(model_dir, "text_encoder"), weights(sd_dir, "text_encoder"))
+    exported = model_dir(training, "alice", "alice-dog-2")
+    assert not same_weights(weights(exported, "unet"), weights(sd_dir, "unet"))
+    assert same_weights(weights(exported, "text_encoder"), weights(sd_dir, "text_encoder"))
 
 
 async def test_other_tenants_cannot_see_or_touch_a_job_or_its_model(training: Training) -> None:
@@ -686,15 +768,50 @@ async def test_other_tenants_cannot_see_or_touch_a_job_or_its_model(training: Tr
         diffusion_pb2.ListModelsRequest(), metadata=tenant("mallory")
     )
     assert [m.name for m in models.models] == ["sd-demo"]
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await generate(training, "mallory", "alice-dog")
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await training.stub.DeleteModel(
-            diffusion_pb2.DeleteModelRequest(name="alice-dog"), metadata=tenant("mallory")
-        )
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Alice's model reads, to mallory, exactly as a name nobody registered.
+    for model in ("alice-dog", "nobody-is"):  # same length: same message bytes
+        with pytest.raises(grpc.aio.AioRpcError) as generating:
+            await generate(training, "mallory", model)
+        with pytest.raises(grpc.aio.AioRpcError) as deleting:
+            await training.stub.DeleteModel(
+                diffusion_pb2.DeleteModelRequest(name=model), metadata=tenant("mallory")
+            )
+        for caught in (generating, deleting):
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND, model
+            assert caught.value.details() == f"model {model!r} not found"
     assert (await get(training, job_id, "alice")).state == diffusion_pb2.JOB_STATE_SUCCEEDED
+    assert (await generate(training, "alice", "alice-dog")).model == "alice-dog"
+
+
+async def test_output_model_names_are_checked_in_the_tenants_own_namespace(
+    training: Training,
+) -> None:
+    """Mallory may queue a job making "alice-dog" (alice's model is no name
+    of hers), and a name one tenant's active job reserves is free to another;
+    the tenant's own names and base model names stay taken."""
+    jobs = [
+        (await create(training, "mallory", max_train_steps=400, output_model_name="alice-dog")),
+        (await create(training, "mallory", max_train_steps=400, output_model_name="pet")),
+        (await create(training, "alice", max_train_steps=400, output_model_name="pet")),
+    ]
+    owners = ("mallory", "mallory", "alice")
+    try:
+        accepted = (diffusion_pb2.JOB_STATE_QUEUED, diffusion_pb2.JOB_STATE_RUNNING)
+        for job, who in zip(jobs, owners, strict=True):
+            assert job.state in accepted, (who, job.spec)
+        assert [j.spec.output_model_name for j in jobs] == ["alice-dog", "pet", "pet"]
+        for who, name in [("alice", "alice-dog"), ("mallory", "pet"), ("alice", "sd-demo")]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await create(training, who, max_train_steps=400, output_model_name=name)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (who, name)
+            assert "choose another name" in (caught.value.details() or "")
+    finally:
+        for job, who in zip(jobs, owners, strict=True):
+            await training.stub.CancelTrainingJob(
+                diffusion_pb2.CancelTrainingJobRequest(job_id=job.job_id), metadata=tenant(who)
+            )
+        await wait_idle(training)
+    assert (await generate(training, "alice", "alice-dog")).model == "alice-dog"
 
 
 async def test_cancel_stops_the_worker_within_a_step_and_registers_nothing(
@@ -724,18 +841,18 @@ async def test_cancel_stops_the_worker_within_a_step_and_registers_nothing(
         diffusion_pb2.ListModelsRequest(), metadata=tenant("alice")
     )
     assert "never" not in [m.name for m in models.models]
-    assert not training.files.model_dir("never").exists()
+    assert not list(training.files.models.glob(f"*{job.job_id}")), "no model directory"
     assert not training.files.partial_export(job.job_id).exists()
     assert not (training.files.job_dir(job.job_id) / "checkpoints").exists()
 
 
 async def test_delete_model_removes_its_files(training: Training) -> None:
-    model_dir = training.files.model_dir("alice-dog-2")
-    assert model_dir.is_dir()
+    exported = model_dir(training, "alice", "alice-dog-2")
+    assert exported.is_dir()
     await training.stub.DeleteModel(
         diffusion_pb2.DeleteModelRequest(name="alice-dog-2"), metadata=tenant("alice")
     )
-    assert not model_dir.exists()
+    assert not exported.exists()
     models = await training.stub.ListModels(
         diffusion_pb2.ListModelsRequest(), metadata=tenant("alice")
     )

@@ -60,6 +60,7 @@ from diffusion_service.pipelines import (
     resolve_dtype,
 )
 from diffusion_service.registry import ModelEntry, ModelRegistry, count_tokens
+from dreamsight_server import metering
 from dreamsight_server.errors import (
     Cancelled,
     InvalidArgument,
@@ -118,6 +119,10 @@ class _Stopped(Exception):
     """Raised inside the diffusers loop to stop a cancelled generation."""
 
 
+class _AllowanceSpent(Exception):
+    """Raised inside the diffusers loop when a generation used up its allowance."""
+
+
 class _Generation:
     """One admitted generation, shared by the event loop and its worker."""
 
@@ -135,6 +140,10 @@ class _Generation:
         self.steps_done = 0
         self.evaluations_at_cancel: int | None = None
         self.last_mark = 0.0
+        self.gpu_seconds = 0.0
+        """What the worker spent on it, set when the worker lets go."""
+        self.allowance = metering.allowance()
+        """GPU-seconds it may spend (the gateway's share of the tenant's budget)."""
 
     def cancel(self) -> None:
         if not self.cancelled.is_set():
@@ -276,9 +285,19 @@ class DiffusersEngine:
             pngs, gpu_seconds = await future
         except _Stopped:
             raise Cancelled("the generation was stopped (service shutting down)") from None
+        except _AllowanceSpent:
+            raise ResourceExhausted(
+                f"the generation used up its GPU-second allowance ({generation.allowance:.3g} "
+                f"s, its share of the tenant's remaining budget) after {generation.steps_done} "
+                "steps; what it spent is billed"
+            ) from None
         finally:
             if not future.done():
+                # Stopped early: the step in flight ends first. Wait for it, so the
+                # call's bill (and the tenant's slot at the gateway) covers it.
                 generation.cancel()
+                await asyncio.shield(asyncio.wait({future}))
+            metering.report(generation.gpu_seconds)
         total_s = time.monotonic() - arrival
         self._metrics.images.inc(len(pngs))
         self._metrics.generation_seconds.observe(total_s)
@@ -366,7 +385,7 @@ class DiffusersEngine:
                     model, generation.params, lambda counts: self._evaluated(generation, counts)
                 )
             finally:
-                gpu_seconds = self.meter.finish(generation.id)
+                gpu_seconds = generation.gpu_seconds = self.meter.finish(generation.id)
                 self._metrics.gpu_seconds.inc(gpu_seconds)
             return pngs, gpu_seconds
         finally:
@@ -380,6 +399,9 @@ class DiffusersEngine:
         generation.evaluations += 1
         if generation.cancelled.is_set():
             raise _Stopped
+        allowance = generation.allowance
+        if allowance is not None and self.meter.spent(generation.id) >= allowance:
+            raise _AllowanceSpent
         if counts_as_step:
             generation.steps_done += 1
             generation.emit(Progress(generation.steps_done, generation.params.steps))
@@ -395,7 +417,7 @@ class DiffusersEngine:
         error = None if future.cancelled() else future.exception()
         if error is None and not future.cancelled():
             outcome = "ok"
-        elif isinstance(error, _Stopped) or future.cancelled():
+        elif isinstance(error, _Stopped | _AllowanceSpent) or future.cancelled():
             outcome = "cancelled"
             log.info(
                 "generation %s stopped after %d evaluations (cancelled after %s)",

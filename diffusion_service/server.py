@@ -20,6 +20,7 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.training import TrainingManager
 from dreamsight_server.errors import ErrorTable
 from dreamsight_server.lifecycle import GrpcServer
+from dreamsight_server.metering import settled_handlers
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
@@ -73,6 +74,11 @@ async def start_service(
     server = GrpcServer(settings.server, [SERVICE_NAME], registry, errors)
     servicer = DiffusionServicer(engine, training, settings, metrics, errors)
     diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server(servicer, server.server)
+    generate = (servicer.Generate, diffusion_pb2.GenerateRequest, diffusion_pb2.GenerateResponse)
+    devices = settings.devices_per_worker  # a generation has its worker to itself
+    server.server.add_generic_rpc_handlers(
+        (settled_handlers("DiffusionService", {"Generate": generate}, errors, lambda: devices),)
+    )
     await server.start()
     return DiffusionService(settings, server, engine, training, metrics)
 

@@ -48,6 +48,12 @@ class GpuSecondsMeter:
             self._advance()
             return self._running.pop(request_id, 0.0)
 
+    def spent(self, request_id: str) -> float:
+        """What a running request has accrued so far (0 if unknown)."""
+        with self._lock:
+            self._advance()
+            return self._running.get(request_id, 0.0)
+
     @property
     def running(self) -> int:
         """Requests accruing now."""

@@ -55,8 +55,9 @@ async def abort_with(
     method: str,
     table: ErrorTable,
     request_id: str | None = None,
+    extra_trailers: tuple[tuple[str, str], ...] = (),
 ) -> None:
-    """End a call with the status the error table gives for error."""
+    """End a call with the status the error table gives for error (and extra trailers)."""
     if context.cancelled() or context.done():
         return  # the caller is gone; there is nobody to tell
     code = table.code_for(error)
@@ -70,7 +71,8 @@ async def abort_with(
         status = to_status(
             grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", None
         )
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    trailers = (*status.trailing_metadata, *extra_trailers)
+    await context.abort(status.code, status.details, trailers)
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

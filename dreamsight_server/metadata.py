@@ -11,6 +11,12 @@ REQUEST_ID_HEADER = "x-request-id"
 GPU_SECONDS_TRAILER = "x-dreamsight-gpu-seconds"
 """Trailer in which a backend reports a call's GPU-seconds to the gateway."""
 
+DEVICE_SHARE_HEADER = "x-dreamsight-device-share"
+"""Initial metadata of a settled call: the share of a device the call may hold
+(the gateway's estimate, devices x elapsed, when the backend dies mid-call)."""
+GPU_ALLOWANCE_HEADER = "x-dreamsight-gpu-allowance"
+"""GPU-seconds a call may spend (from the tenant's remaining budget), set by the gateway."""
+
 
 def gpu_seconds_trailer(gpu_seconds: float) -> tuple[tuple[str, str]]:
     """Trailing metadata reporting a call's GPU-seconds."""

@@ -75,6 +75,15 @@ class Budgets:
                     f"{window.limit_gpu_seconds:g}, resets at {reset}",
                 )
 
+    async def remaining(self, caller: Caller, tier: Tier) -> float | None:
+        """GPU-seconds left in the tightest window; None when the tier has none."""
+        now = time.time()
+        left = [
+            window.limit_gpu_seconds - await self._used_in(caller.tenant, window, now)
+            for window in tier.windows
+        ]
+        return max(0.0, min(left)) if left else None
+
     async def record(
         self,
         ledger_id: str,

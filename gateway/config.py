@@ -55,6 +55,14 @@ class GatewaySettings:
         env="LEASE_TTL_SECONDS",
         minimum=1,
     )
+    settle_timeout_s: float = setting(
+        30.0,
+        "seconds a stopped call's backend has to finish its step and report what the call "
+        "spent; past it the gateway bills an estimate",
+        flag="settle-timeout",
+        env="SETTLE_TIMEOUT_SECONDS",
+        minimum=0,
+    )
     job_sweep_s: float = setting(
         5.0,
         "seconds between rounds that ask the diffusion service about unbilled DreamBooth "
@@ -72,6 +80,18 @@ class GatewaySettings:
         11434,
         "port of the Ollama- and OpenAI-compatible HTTP API, on --host; 0 picks a free one, "
         "off (or -1) turns HTTP off",
+    )
+    http_chat_body_bytes: int = setting(
+        32 * 1024 * 1024,
+        "largest body of an HTTP chat request (/api/chat, /api/generate, "
+        "/v1/chat/completions; images travel in it as base64); HTTP 413 beyond",
+        minimum=1024,
+    )
+    http_body_bytes: int = setting(
+        256 * 1024,
+        "largest body of every other HTTP endpoint (image generation, model details); "
+        "HTTP 413 beyond",
+        minimum=1024,
     )
     event_loop: str = setting(
         "uvloop", "uvloop (less CPU per proxied chunk) or asyncio", choices=("uvloop", "asyncio")

@@ -2,22 +2,31 @@
 
 A call is admitted (key verified, budgets checked, a concurrency slot taken,
 in that order, so a refused call holds nothing) and later finished (slot
-released, metrics counted, GPU-seconds billed once per request id). Front
-ends do the transport; the rules live here once.
+released, metrics counted, GPU-seconds billed once per admitted call, under
+the gateway's own call id). :mod:`gateway.calls` is the one lifecycle of a
+metered call between the two; front ends do the transport.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
-from dreamsight_server.errors import ErrorTable, Unauthenticated
-from dreamsight_server.metadata import GATEWAY_TOKEN_HEADER, REQUEST_ID_HEADER, TENANT_HEADER
+from dreamsight_server.errors import ErrorTable, ResourceExhausted, Unauthenticated
+from dreamsight_server.metadata import (
+    GATEWAY_TOKEN_HEADER,
+    GPU_ALLOWANCE_HEADER,
+    REQUEST_ID_HEADER,
+    TENANT_HEADER,
+)
 from gateway.admission import Lease, Limiter
 from gateway.budgets import Budgets
 from gateway.keys import Caller, KeyService
@@ -49,6 +58,8 @@ class Admission:
     watched_job_ended: bool = False
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     """The gateway's own id of this call, unique per admission."""
+    allowance: float | None = None
+    """GPU-seconds this metered call may spend; the backend stops it there."""
 
     @property
     def ledger_id(self) -> str:
@@ -69,14 +80,20 @@ class GatewayCore:
         metrics: GatewayMetrics,
         backend_secret: str = "",
         errors: ErrorTable | None = None,
+        settle_timeout_s: float = 30.0,
     ) -> None:
         self.errors = errors or ErrorTable()
+        self.settle_timeout_s = settle_timeout_s
+        """How long a stopped call's backend has to report what it spent."""
         self.keys = keys
         self.tiers = tiers
         self.budgets = budgets
         self.limiter = limiter
         self.metrics = metrics
         self._backend_secret = backend_secret
+        # tenant -> allowances of its metered calls in flight on this replica
+        self._reserved: dict[str, dict[str, float]] = {}
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, authorization: str | None) -> tuple[Caller, Tier]:
         """The caller and its tier, or Unauthenticated."""
@@ -121,11 +138,62 @@ class GatewayCore:
                 raise
             self.metrics.queue_wait.labels(tier.name).observe(lease.waited_s)
             self.metrics.in_flight.labels(tier.name).inc()
-        return Admission(caller, tier, service, method, rid, lease, protocol)
+        admission = Admission(caller, tier, service, method, rid, lease, protocol)
+        if metered:
+            try:
+                await self._reserve(admission)
+            except BaseException:  # refused: leave nothing held
+                self.metrics.in_flight.labels(tier.name).dec()
+                await self.limiter.release(lease)  # type: ignore[arg-type]
+                raise
+        return admission
+
+    async def _reserve(self, admission: Admission) -> None:
+        """Give a metered call its GPU-second allowance: an equal share, among the
+        tier's free slots, of what the tightest window has left after the
+        allowances of the tenant's calls in flight. The allowances of calls in
+        flight never add up to more than the budget left, so no window is
+        overspent by more than one step of each call."""
+        remaining = await self.budgets.remaining(admission.caller, admission.tier)
+        if remaining is None:
+            return
+        tenant = admission.caller.tenant
+        reserved = self._reserved.setdefault(tenant, {})
+        free_slots = max(1, admission.tier.concurrent_requests - len(reserved))
+        allowance = (remaining - sum(reserved.values())) / free_slots
+        if allowance <= 0:
+            self.metrics.rejections.labels("gpu_budget", admission.tier.name).inc()
+            raise ResourceExhausted(
+                "the GPU-second budget left is held by this key's calls in flight; "
+                "retry when one ends",
+                retry_after_s=1.0,
+                quota_subject=f"tenant:{tenant}",
+                quota_description="gpu_seconds: the remaining budget is reserved",
+            )
+        reserved[admission.call_id] = allowance
+        admission.allowance = allowance
+
+    async def settle(self, ending: Coroutine[Any, Any, None]) -> None:
+        """Run a call's ending (stop, learn, bill, free) to completion even when the
+        caller's handler is cancelled meanwhile; drain() waits for it at shutdown."""
+        task = asyncio.ensure_future(ending)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (up to timeout_s) for the endings of calls still settling, so that
+        a stopping gateway bills them before it closes its channels and store."""
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=timeout_s)
 
     def backend_metadata(self, admission: Admission) -> tuple[tuple[str, str], ...]:
-        """What a backend hears: the vouched tenant and request id, nothing of the caller's."""
-        return self.tenant_metadata(admission.caller.tenant, admission.request_id)
+        """What a backend hears: the vouched tenant and request id (and the call's
+        GPU-second allowance), nothing of the caller's."""
+        metadata = self.tenant_metadata(admission.caller.tenant, admission.request_id)
+        if admission.allowance is None:
+            return metadata
+        return (*metadata, (GPU_ALLOWANCE_HEADER, repr(admission.allowance)))
 
     def tenant_metadata(self, tenant: str, request_id: str) -> tuple[tuple[str, str], ...]:
         """Backend metadata for a tenant's call."""
@@ -143,13 +211,24 @@ class GatewayCore:
             )
 
     async def finish(
-        self, admission: Admission, code: grpc.StatusCode, gpu_seconds: float | None
+        self,
+        admission: Admission,
+        code: grpc.StatusCode,
+        gpu_seconds: float | None,
+        *,
+        estimated: bool = False,
     ) -> None:
-        """Release the slot, count the call, bill reported GPU-seconds once."""
+        """Release the slot, count the call, bill its GPU-seconds once (callers of
+        metered calls finish only after the backend's work stopped)."""
         if admission.finished:
             return
         admission.finished = True
         tier = admission.tier.name
+        reserved = self._reserved.get(admission.caller.tenant)
+        if reserved is not None:
+            reserved.pop(admission.call_id, None)
+            if not reserved:
+                del self._reserved[admission.caller.tenant]
         try:
             if admission.lease is not None:
                 self.metrics.in_flight.labels(tier).dec()
@@ -168,6 +247,7 @@ class GatewayCore:
                     admission.service,
                     gpu_seconds,
                     admission.request_id,
+                    estimated,
                 )
                 if billed:
                     self.metrics.gpu_seconds.labels(tier, admission.service).inc(gpu_seconds)

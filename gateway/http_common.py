@@ -3,11 +3,13 @@ errors as HTTP statuses, and typed reads of JSON request bodies.
 
 Every upstream call is admitted by :class:`~gateway.core.GatewayCore` (key,
 budgets, a concurrency slot for metered calls) and finished on every ending,
-exactly as the gRPC proxy does; only the transport differs. Calls go over the
+exactly as the gRPC proxy does, metered calls through the one lifecycle of
+:mod:`gateway.calls`; only the transport differs. Calls go over the
 gateway's backend channels as typed gRPC, with the vouched tenant metadata
 and the caller's deadline (``X-Request-Timeout``, in seconds) when it sent
 one. A caller who disconnects cancels the handler (aiohttp's handler
-cancellation), which cancels the upstream call and frees the slot at once.
+cancellation), which stops the upstream call; the call is billed what the
+backend spent until it stopped, and the slot comes back then.
 
 Errors keep one table: domain errors map to a gRPC code through the core's
 :class:`~dreamsight_server.errors.ErrorTable`, upstream calls bring their
@@ -26,7 +28,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -42,7 +44,8 @@ from dreamsight_server.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from dreamsight_server.metadata import GPU_SECONDS_TRAILER, REQUEST_ID_HEADER
+from dreamsight_server.metadata import REQUEST_ID_HEADER
+from gateway.calls import MeteredCall
 from gateway.core import Admission, GatewayCore
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,10 @@ def http_error(error: BaseException, table: ErrorTable, request: web.Request) ->
     """The HTTP form of any error; unexpected ones are logged, never shown."""
     if isinstance(error, grpc.aio.AioRpcError):
         return _from_status(error)
+    if isinstance(error, web.HTTPRequestEntityTooLarge):  # says the limit and the size
+        message = f"the request body is too large: {error.text}"
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        return HttpError(invalid, message, "body", http_status=error.status)
     if isinstance(error, web.HTTPException):  # aiohttp's own: unknown path, wrong method
         code = next((c for c, s in HTTP_STATUS.items() if s == error.status), None)
         return HttpError(code or grpc.StatusCode.UNKNOWN, error.reason, http_status=error.status)
@@ -158,97 +165,35 @@ def error_middleware(
     return middleware
 
 
-def _gpu_seconds(trailers: Any) -> float | None:
-    for key, value in trailers or ():
-        if key == GPU_SECONDS_TRAILER:
-            with contextlib.suppress(ValueError):
-                return float(value)
-    return None
-
-
-class Streamed(Generic[M]):
-    """One admitted upstream stream; it records how it ended for the core."""
-
-    def __init__(
-        self,
-        core: GatewayCore,
-        admission: Admission,
-        call: grpc.aio.UnaryStreamCall[Any, M],
-        reported: Callable[[M], float | None],
-    ) -> None:
-        self._core = core
-        self._admission = admission
-        self._call = call
-        self._reported = reported
-        self.code: grpc.StatusCode | None = None
-        self.trailer_gpu_seconds: float | None = None
-        self.message_gpu_seconds: float | None = None
-
-    @property
-    def request_id(self) -> str:
-        """The id the ledger and the logs know this call by."""
-        return self._admission.request_id
-
-    async def next(self) -> M | None:
-        """The next upstream message, or None at the end; raises AioRpcError."""
-        try:
-            message = await self._call.read()
-        except grpc.aio.AioRpcError as error:
-            self.code = error.code()
-            self.trailer_gpu_seconds = _gpu_seconds(error.trailing_metadata())
-            raise
-        if message is _EOF:
-            self.code = grpc.StatusCode.OK
-            self.trailer_gpu_seconds = _gpu_seconds(await self._call.trailing_metadata())
-            return None
-        item = cast(M, message)
-        self._core.first_chunk(self._admission)
-        reported = self._reported(item)
-        if reported is not None:
-            self.message_gpu_seconds = reported
-        return item
-
-    async def rest(self, first: M | None) -> list[M]:
-        """first and every message after it."""
-        messages = []
-        message = first
-        while message is not None:
-            messages.append(message)
-            message = await self.next()
-        return messages
-
-    def cancel(self) -> None:
-        """Cancel upstream (a no-op once the call has ended)."""
-        self._call.cancel()
-
-    @property
-    def gpu_seconds(self) -> float | None:
-        """What to bill: the trailer, else what the final message reported."""
-        if self.trailer_gpu_seconds is not None:
-            return self.trailer_gpu_seconds
-        return self.message_gpu_seconds
-
-
 def reply_text(messages: list[vision_pb2.ChatResponse]) -> str:
     """The reply as the stream delivered it: its deltas, joined."""
     return "".join(m.delta for m in messages if m.HasField("delta"))
 
 
-def _chat_gpu(message: vision_pb2.ChatResponse) -> float | None:
-    return message.final.usage.gpu_seconds if message.HasField("final") else None
+@dataclass(frozen=True)
+class BodyLimits:
+    """Largest request bodies, in bytes (HTTP 413 beyond)."""
 
-
-def _generate_gpu(message: diffusion_pb2.GenerateResponse) -> float | None:
-    return message.result.usage.gpu_seconds if message.HasField("result") else None
+    chat: int
+    """Chat endpoints, whose bodies carry base64 images."""
+    other: int
+    """Every other endpoint."""
 
 
 class Upstream:
     """Typed calls to the backends, each admitted and finished by the core."""
 
     def __init__(
-        self, core: GatewayCore, vision: grpc.aio.Channel, diffusion: grpc.aio.Channel
+        self,
+        core: GatewayCore,
+        vision: grpc.aio.Channel,
+        diffusion: grpc.aio.Channel,
+        body_limits: BodyLimits,
     ) -> None:
         self.core = core
+        self.body_limits = body_limits
+        self._vision_channel = vision
+        self._diffusion_channel = diffusion
         self._vision = vision_pb2_grpc.VisionServiceStub(vision)
         self._diffusion = diffusion_pb2_grpc.DiffusionServiceStub(diffusion)
 
@@ -285,50 +230,57 @@ class Upstream:
         protocol: str,
         service: str,
         method: str,
-        start: Callable[[Metadata, float | None], grpc.aio.UnaryStreamCall[Any, M]],
-        reported: Callable[[M], float | None],
-    ) -> AsyncIterator[Streamed[M]]:
+        channel: grpc.aio.Channel,
+        message: Any,
+        response_type: Any,
+    ) -> AsyncIterator[MeteredCall[Any]]:
+        """A metered call in the one lifecycle (gateway.calls), settled on every
+        ending: done, failed, the caller gone (aiohttp cancels the handler) or its
+        X-Request-Timeout passed."""
         expires = deadline(request)
         admission = await self._admit(request, protocol, service, method, True, expires)
-        streamed: Streamed[M] | None = None
+        call: MeteredCall[Any] = MeteredCall(
+            self.core,
+            admission,
+            channel,
+            message,
+            _remaining(expires),
+            expires_at=expires,
+            serializer=type(message).SerializeToString,
+            deserializer=response_type.FromString,
+        )
         try:
-            call = start(self.core.backend_metadata(admission), _remaining(expires))
-            streamed = Streamed(self.core, admission, call, reported)
-            yield streamed
+            await call.start()
+            yield call
         finally:
-            # Left early (the caller went away, or a write failed): stop upstream now.
-            code = streamed.code if streamed and streamed.code else grpc.StatusCode.CANCELLED
-            gpu = streamed.gpu_seconds if streamed else None
-            if streamed is not None:
-                streamed.cancel()
-            await asyncio.shield(self.core.finish(admission, code, gpu))
+            await self.core.settle(call.settle())
 
     def chat(
         self, request: web.Request, protocol: str, chat: vision_pb2.ChatRequest
-    ) -> contextlib.AbstractAsyncContextManager[Streamed[vision_pb2.ChatResponse]]:
+    ) -> contextlib.AbstractAsyncContextManager[MeteredCall[vision_pb2.ChatResponse]]:
         """A metered VisionService.Chat stream."""
         return self._stream(
             request,
             protocol,
             "VisionService",
             "Chat",
-            lambda metadata, timeout: self._vision.Chat(chat, metadata=metadata, timeout=timeout),
-            _chat_gpu,
+            self._vision_channel,
+            chat,
+            vision_pb2.ChatResponse,
         )
 
     def generate(
         self, request: web.Request, protocol: str, generate: diffusion_pb2.GenerateRequest
-    ) -> contextlib.AbstractAsyncContextManager[Streamed[diffusion_pb2.GenerateResponse]]:
+    ) -> contextlib.AbstractAsyncContextManager[MeteredCall[diffusion_pb2.GenerateResponse]]:
         """A metered DiffusionService.Generate stream."""
         return self._stream(
             request,
             protocol,
             "DiffusionService",
             "Generate",
-            lambda metadata, timeout: self._diffusion.Generate(
-                generate, metadata=metadata, timeout=timeout
-            ),
-            _generate_gpu,
+            self._diffusion_channel,
+            generate,
+            diffusion_pb2.GenerateResponse,
         )
 
     async def _unary(
@@ -424,13 +376,20 @@ _OFF_LOOP_BYTES = 64 * 1024
 """Bodies larger than this are decoded in a worker thread, off the event loop."""
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     """The request body as a JSON object; any malformed body is InvalidArgument.
 
-    The size is bounded by the server's client_max_size (413 beyond it); large
-    bodies are decoded off the event loop, so one tenant's body does not hold
-    every other tenant's calls."""
-    raw = await request.read()
+    A body over limit bytes is HTTP 413, refused from its Content-Length before
+    a byte is read, or as soon as a chunked body passes it; large bodies are
+    decoded off the event loop, so one tenant's body does not hold every other
+    tenant's calls."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    raw = bytearray()
+    async for piece in request.content.iter_chunked(_OFF_LOOP_BYTES):
+        raw += piece
+        if len(raw) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
     charset = request.charset or "utf-8"
     if len(raw) > _OFF_LOOP_BYTES:
         return await asyncio.to_thread(decode_json, raw, charset)
@@ -448,7 +407,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def decode_json(raw: bytes, charset: str = "utf-8") -> dict[str, Any]:
+def decode_json(raw: bytes | bytearray, charset: str = "utf-8") -> dict[str, Any]:
     """Bytes as a JSON object of bounded depth, with finite numbers only."""
     try:
         text = raw.decode(charset)

@@ -19,7 +19,7 @@ from aiohttp import web
 from dreamsight_server.lifecycle import TlsFiles
 from gateway import ollama_api, openai_api
 from gateway.core import GatewayCore
-from gateway.http_common import Upstream
+from gateway.http_common import BodyLimits, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,10 @@ async def _root(request: web.Request) -> web.Response:
     return web.Response(text="dreamsight gateway: Ollama and OpenAI APIs are running")
 
 
-def build_app(upstream: Upstream, max_body_bytes: int) -> web.Application:
+def build_app(upstream: Upstream) -> web.Application:
     """The application: the root probe, /api (Ollama) and /v1 (OpenAI)."""
-    app = web.Application(client_max_size=max_body_bytes)
+    limits = upstream.body_limits  # each endpoint reads with its own limit (read_json)
+    app = web.Application(client_max_size=max(limits.chat, limits.other))
     app.router.add_get("/", _root)
     app.add_subapp("/api", ollama_api.app(upstream))
     app.add_subapp("/v1", openai_api.app(upstream))
@@ -62,11 +63,11 @@ async def start_http(
     diffusion: grpc.aio.Channel,
     host: str,
     port: int,
-    max_body_bytes: int,
+    body_limits: BodyLimits,
     tls: TlsFiles | None = None,
 ) -> HttpServer:
     """Serve the HTTP APIs on host:port (0 picks a free port); HTTPS with tls."""
-    app = build_app(Upstream(core, vision, diffusion), max_body_bytes)
+    app = build_app(Upstream(core, vision, diffusion, body_limits))
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls.ssl_context() if tls else None)

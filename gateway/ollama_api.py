@@ -22,12 +22,12 @@ from dreamsight.common.v1 import common_pb2
 from dreamsight.vision.v1 import vision_pb2
 
 from dreamsight_server.errors import InvalidArgument
+from gateway.calls import MeteredCall
 from gateway.http_common import (
     MAX_INT32,
     MAX_SEED,
     MAX_UINT32,
     HttpError,
-    Streamed,
     Upstream,
     decode_base64,
     error_middleware,
@@ -49,7 +49,11 @@ _ROLES = {
     "user": vision_pb2.ROLE_USER,
     "assistant": vision_pb2.ROLE_ASSISTANT,
 }
-_DONE_REASONS = {vision_pb2.FINISH_REASON_STOP: "stop", vision_pb2.FINISH_REASON_LENGTH: "length"}
+_DONE_REASONS = {
+    vision_pb2.FINISH_REASON_STOP: "stop",
+    vision_pb2.FINISH_REASON_LENGTH: "length",
+    vision_pb2.FINISH_REASON_GPU_BUDGET: "length",  # cut short: the clients' word for it
+}
 # Ollama option -> ChatOptions field. Runner options (num_ctx, num_gpu, num_thread,
 # mirostat, ...) do not apply to a served model and are ignored, as Ollama ignores
 # options a runner does not use.
@@ -188,7 +192,7 @@ class OllamaApi:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """POST /api/chat."""
         await self._up.authenticate(request)
-        body = await read_json(request)
+        body = await read_json(request, self._up.body_limits.chat)
         refuse(body, ("tools", "think"))
         messages = body.get("messages")
         if not isinstance(messages, list):
@@ -203,7 +207,7 @@ class OllamaApi:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """POST /api/generate: one prompt (and images), with an optional system prompt."""
         await self._up.authenticate(request)
-        body = await read_json(request)
+        body = await read_json(request, self._up.body_limits.chat)
         refuse(body, ("suffix", "template", "context", "raw", "think"))
         model = _model_name(body)
         prompt = get(body, "prompt", str, "prompt") or ""
@@ -238,7 +242,7 @@ class OllamaApi:
             return _piece(kind, name, content)
 
         async with self._up.chat(request, PROTOCOL, chat) as call:
-            first = await call.next()  # upstream errors before it get a real HTTP status
+            first = await call.read()  # upstream errors before it get a real HTTP status
             if stream is False:
                 messages = await call.rest(first)
                 reply = {**piece(reply_text(messages)), **_done(messages[-1].final)}
@@ -248,7 +252,7 @@ class OllamaApi:
     async def _lines(
         self,
         request: web.Request,
-        call: Streamed[vision_pb2.ChatResponse],
+        call: MeteredCall[vision_pb2.ChatResponse],
         message: vision_pb2.ChatResponse | None,
         piece: Callable[[str], dict[str, Any]],
     ) -> web.StreamResponse:
@@ -264,7 +268,7 @@ class OllamaApi:
                 else:
                     line = {**piece(message.delta), "done": False}
                 await response.write(_line(line))
-                message = await call.next()
+                message = await call.read()
         except grpc.aio.AioRpcError as error:  # the status line went out: an error line
             error_line = {"error": http_error(error, self._up.core.errors, request).message}
             await response.write(_line(error_line))
@@ -288,7 +292,7 @@ class OllamaApi:
     async def show(self, request: web.Request) -> web.Response:
         """POST /api/show: one model's details."""
         await self._up.authenticate(request)
-        body = await read_json(request)
+        body = await read_json(request, self._up.body_limits.other)
         model = await self._up.vision_model(request, PROTOCOL, _model_name(body))
         info = {
             "general.architecture": "llava",

@@ -26,12 +26,12 @@ from dreamsight.diffusion.v1 import diffusion_pb2
 from dreamsight.vision.v1 import vision_pb2
 
 from dreamsight_server.errors import InvalidArgument
+from gateway.calls import MeteredCall
 from gateway.http_common import (
     MAX_INT32,
     MAX_SEED,
     MAX_UINT32,
     HttpError,
-    Streamed,
     Upstream,
     decode_base64,
     error_middleware,
@@ -54,7 +54,11 @@ _ROLES = {
     "user": vision_pb2.ROLE_USER,
     "assistant": vision_pb2.ROLE_ASSISTANT,
 }
-_FINISH = {vision_pb2.FINISH_REASON_STOP: "stop", vision_pb2.FINISH_REASON_LENGTH: "length"}
+_FINISH = {
+    vision_pb2.FINISH_REASON_STOP: "stop",
+    vision_pb2.FINISH_REASON_LENGTH: "length",
+    vision_pb2.FINISH_REASON_GPU_BUDGET: "length",  # cut short: the clients' word for it
+}
 # OpenAI's sampling parameters, then vLLM's extensions that ChatOptions also has.
 _FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p")
 _ERROR_TYPES = {
@@ -210,7 +214,7 @@ class OpenAIApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
         await self._up.authenticate(request)
-        body = await read_json(request)
+        body = await read_json(request, self._up.body_limits.chat)
         chat = _chat_request(body)
         stream = get(body, "stream", bool, "stream")
         options = body.get("stream_options") or {}
@@ -218,7 +222,7 @@ class OpenAIApi:
             raise InvalidArgument("stream_options", "must be an object")
         usage = get(options, "include_usage", bool, "stream_options.include_usage")
         async with self._up.chat(request, PROTOCOL, chat) as call:
-            first = await call.next()  # upstream errors before it get a real HTTP status
+            first = await call.read()  # upstream errors before it get a real HTTP status
             head = {
                 "id": f"chatcmpl-{call.request_id}",
                 "created": int(time.time()),
@@ -232,7 +236,7 @@ class OpenAIApi:
     async def _events(
         self,
         request: web.Request,
-        call: Streamed[vision_pb2.ChatResponse],
+        call: MeteredCall[vision_pb2.ChatResponse],
         message: vision_pb2.ChatResponse | None,
         head: dict[str, Any],
         include_usage: bool,
@@ -257,7 +261,7 @@ class OpenAIApi:
                     if include_usage:
                         usage = {"object": "chat.completion.chunk", "choices": []}
                         await response.write(_sse({**head, **usage, "usage": _usage(final)}))
-                message = await call.next()
+                message = await call.read()
             await response.write(_sse("[DONE]"))
         except grpc.aio.AioRpcError as error:  # the status line went out: an error event
             body = _error_body(http_error(error, self._up.core.errors, request))
@@ -288,10 +292,10 @@ class OpenAIApi:
     async def images(self, request: web.Request) -> web.Response:
         """POST /v1/images/generations: Stable Diffusion, answered as base64 PNGs."""
         await self._up.authenticate(request)
-        body = await read_json(request)
+        body = await read_json(request, self._up.body_limits.other)
         generate = _generate_request(body)
         async with self._up.generate(request, PROTOCOL, generate) as call:
-            messages = await call.rest(await call.next())
+            messages = await call.rest(await call.read())
             result = messages[-1].result
         data = [
             {

@@ -2,10 +2,12 @@
 
 Messages travel as bytes (never parsed), so a streamed chunk costs one read
 and one write. Around each call the core admits it and finishes it on every
-ending. The caller's deadline goes upstream, a caller's cancel cancels the
-upstream call, and a backend's status (with its google.rpc details) comes
-back unchanged. Backends report GPU-seconds in the ``x-dreamsight-gpu-seconds``
-trailer, which the core bills.
+ending. Metered calls (Chat, Generate) go through the one metered-call
+lifecycle of :mod:`gateway.calls`: a caller's cancel or deadline stops the
+backend's work, the backend reports what the call spent, and only then is it
+billed and the slot freed. Other calls carry the caller's deadline upstream,
+and a caller's cancel cancels them. A backend's status (with its google.rpc
+details) comes back unchanged.
 
 Backend channels balance round-robin over every address a target resolves
 to (``dns:///vision-headless:50052`` on Kubernetes, or ``ipv4:a:p,b:p``) and
@@ -24,7 +26,8 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from dreamsight_server.interceptors import abort_with, maps_own_errors
-from dreamsight_server.metadata import GPU_SECONDS_TRAILER, REQUEST_ID_HEADER
+from dreamsight_server.metadata import REQUEST_ID_HEADER
+from gateway.calls import MeteredCall
 from gateway.core import Admission, GatewayCore
 from gateway.training import TRAINING_METHODS, TrainingMeter, watched_job_id
 
@@ -76,16 +79,6 @@ def backend_channel(
 
 def _metadata(context: Context) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-
-
-def _gpu_seconds(trailers: Any) -> float | None:
-    for key, value in trailers or ():
-        if key == GPU_SECONDS_TRAILER:
-            try:
-                return float(value)
-            except ValueError:
-                return None
-    return None
 
 
 async def _pass_error(context: Context, error: grpc.aio.AioRpcError) -> None:
@@ -159,41 +152,64 @@ class ServiceProxy:
         return _training_forward(self, path, method, streaming)
 
     def _streaming(self, path: str, method: str, metered: bool) -> Any:
+        if metered:
+            return self._metered(method)
         multicallable = self._channel.unary_stream(path, None, None)
         core = self._core
 
         @maps_own_errors
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
-            admission = await self._admit(context, method, metered)
+            admission = await self._admit(context, method, False)
             if admission is None:
                 return
-            code, gpu = grpc.StatusCode.UNKNOWN, None
+            code = grpc.StatusCode.UNKNOWN
             call = multicallable(
                 request,
                 metadata=core.backend_metadata(admission),
                 timeout=context.time_remaining(),
             )
             try:
-                first = True
                 async for chunk in call:
-                    if first:
-                        first = False
-                        core.first_chunk(admission)
                     yield chunk
                 code = grpc.StatusCode.OK
-                gpu = _gpu_seconds(await call.trailing_metadata())
             except grpc.aio.AioRpcError as error:
                 code = error.code()
-                gpu = _gpu_seconds(error.trailing_metadata())
                 await _pass_error(context, error)
             except (asyncio.CancelledError, GeneratorExit):
                 code = grpc.StatusCode.CANCELLED
-                if call.done():  # upstream had finished: its work is reported, bill it
-                    gpu = _gpu_seconds(await call.trailing_metadata())  # returns at once
                 call.cancel()
                 raise
             finally:
-                await asyncio.shield(core.finish(admission, code, gpu))
+                await asyncio.shield(core.finish(admission, code, None))
+
+        return forward
+
+    def _metered(self, method: str) -> Any:
+        """Chat and Generate: the one metered-call lifecycle (gateway.calls)."""
+        core = self._core
+
+        @maps_own_errors
+        async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
+            admission = await self._admit(context, method, True)
+            if admission is None:
+                return
+            call: MeteredCall[bytes] = MeteredCall(
+                core, admission, self._channel, request, context.time_remaining()
+            )
+            try:
+                await call.start()
+                while (chunk := await call.read()) is not None:
+                    yield chunk
+            except grpc.aio.AioRpcError as error:
+                await _pass_error(context, error)
+            finally:
+                remaining = context.time_remaining()
+                ending = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED
+                )
+                await core.settle(call.settle(ending))
 
         return forward
 
@@ -206,7 +222,7 @@ class ServiceProxy:
             admission = await self._admit(context, method, metered)
             if admission is None:
                 return None
-            code, gpu = grpc.StatusCode.UNKNOWN, None
+            code = grpc.StatusCode.UNKNOWN
             call = multicallable(
                 request,
                 metadata=core.backend_metadata(admission),
@@ -215,7 +231,6 @@ class ServiceProxy:
             try:
                 response: bytes = await call
                 code = grpc.StatusCode.OK
-                gpu = _gpu_seconds(await call.trailing_metadata())
                 return response
             except grpc.aio.AioRpcError as error:
                 code = error.code()
@@ -226,7 +241,7 @@ class ServiceProxy:
                 call.cancel()
                 raise
             finally:
-                await asyncio.shield(core.finish(admission, code, gpu))
+                await asyncio.shield(core.finish(admission, code, None))
 
         return forward
 
@@ -239,6 +254,8 @@ def _training_forward(proxy: ServiceProxy, path: str, method: str, streaming: bo
     budget_only = method == "CreateTrainingJob"
 
     async def unary(request: bytes, context: Context) -> bytes | None:
+        # A new job's budget check sees the tenant's jobs that ended unbilled.
+        await training.before_admission(method, _metadata(context).get("authorization"))
         admission = await proxy._admit(context, method, False, budget_only)
         if admission is None:
             return None

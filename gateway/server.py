@@ -17,6 +17,7 @@ from gateway.admission import Limiter, LocalLimiter, RedisLimiter
 from gateway.budgets import Budgets
 from gateway.config import GatewaySettings
 from gateway.core import GatewayCore
+from gateway.http_common import BodyLimits
 from gateway.http_server import HttpServer, start_http
 from gateway.keys import KeyService
 from gateway.metrics import GatewayMetrics
@@ -71,6 +72,8 @@ class Gateway:
         if self.http is not None:
             stopping.append(self.http.stop(grace))
         await asyncio.gather(*stopping)
+        # Calls cut by the stop are still learning what they spent: bill them first.
+        await self.core.drain(self.settings.settle_timeout_s)
         for channel in self.channels:
             await channel.close(grace=None)
         await self.core.limiter.close()
@@ -101,6 +104,7 @@ async def start_gateway(
         limiter=build_limiter(settings),
         metrics=metrics,
         backend_secret=settings.backend_secret,
+        settle_timeout_s=settings.settle_timeout_s,
     )
     max_bytes = settings.server.max_receive_bytes
     credentials = backend_credentials(
@@ -129,7 +133,7 @@ async def start_gateway(
                 diffusion,
                 settings.server.host,
                 settings.http_port,
-                max_bytes,
+                BodyLimits(settings.http_chat_body_bytes, settings.http_body_bytes),
                 settings.server.tls,
             )
         except BaseException:  # e.g. the port is taken: leave nothing running

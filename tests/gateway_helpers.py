@@ -16,10 +16,12 @@ import grpc
 from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dreamsight_server.errors import InvalidArgument
+from dreamsight_server import metering
+from dreamsight_server.errors import ErrorTable, InvalidArgument
 from dreamsight_server.interceptors import ErrorMappingInterceptor
 from dreamsight_server.lifecycle import ServerOptions
 from dreamsight_server.metadata import TENANT_HEADER, gpu_seconds_trailer
+from dreamsight_server.metering import settled_handlers
 from gateway.config import GatewaySettings
 from gateway.server import Gateway, start_gateway
 
@@ -29,13 +31,15 @@ ADMIN_TOKEN = "admin-token-for-tests"
 @dataclass
 class FakeVision(vision_pb2_grpc.VisionServiceServicer):
     """Chat behaviour chosen by the message text: ``sleep:S``, ``chunks:N``,
-    ``big:N`` (64 KiB chunks), ``invalid``."""
+    ``big:N`` (64 KiB chunks), ``invalid``, ``slowstop:S`` (runs until stopped,
+    then takes S seconds to stop). Every call reports ``gpu_seconds`` however it ends."""
 
     gpu_seconds: float = 0.5
     running: collections.Counter[str] = field(default_factory=collections.Counter)
     peak: collections.Counter[str] = field(default_factory=collections.Counter)
     tenants: list[str] = field(default_factory=list)
     deadlines: list[float | None] = field(default_factory=list)
+    allowances: list[float | None] = field(default_factory=list)
     finished: int = 0
     produced: int = 0
     cancelled: int = 0
@@ -47,12 +51,15 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
         tenant = metadata.get(TENANT_HEADER, "")
         self.tenants.append(tenant)
         self.deadlines.append(context.time_remaining())
+        self.allowances.append(metering.allowance())
         text = request.messages[0].content if request.messages else ""
         if text == "invalid":
             raise InvalidArgument("messages[0].content", "the fake refuses this")
         self.running[tenant] += 1
         self.peak[tenant] = max(self.peak[tenant], self.running[tenant])
         try:
+            if text.startswith("slowstop:"):  # runs until stopped, then takes S to stop
+                await self._run_until_cancelled(float(text.split(":")[1]))
             sleep = float(text.split(":")[1]) if text.startswith("sleep:") else 0.0
             chunks = int(text.split(":")[1]) if text.startswith(("chunks:", "big:")) else 3
             pad = "x" * 65536 if text.startswith("big:") else ""
@@ -73,6 +80,15 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
             raise
         finally:
             self.running[tenant] -= 1
+            metering.report(self.gpu_seconds)  # what the fake "spent", however it ended
+
+    async def _run_until_cancelled(self, stop_s: float) -> None:
+        """Like a diffusion step in flight: a cancel takes stop_s to take effect."""
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(stop_s)
+            raise
 
     async def ListModels(
         self, request: vision_pb2.ListModelsRequest, context: Any
@@ -97,6 +113,9 @@ class FakeBackend:
     async def start(self) -> int:
         server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
         vision_pb2_grpc.add_VisionServiceServicer_to_server(self.impl, server)
+        chat = (self.impl.Chat, vision_pb2.ChatRequest, vision_pb2.ChatResponse)
+        settled = settled_handlers("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0)
+        server.add_generic_rpc_handlers((settled,))
         servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -196,7 +196,10 @@ async def test_deadline_propagates_upstream(
     key = await new_key(gateway, "timed", "pro")
     await collect(channel, "hi", bearer(key), timeout=30)
     remaining = backend.impl.deadlines[-1]
-    assert remaining is not None and 20 < remaining <= 31
+    # The backend may outlive the caller's deadline by the settle timeout: the
+    # gateway stops the call itself at the deadline and waits for its report.
+    settle = gateway.settings.settle_timeout_s
+    assert remaining is not None and 20 + settle < remaining <= 31 + settle
 
 
 async def test_backend_status_and_details_pass_through(

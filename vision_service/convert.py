@@ -40,6 +40,7 @@ _FINISH = {
     FinishReason.LENGTH: vision_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: vision_pb2.FINISH_REASON_CANCELLED,
     FinishReason.ERROR: vision_pb2.FINISH_REASON_ERROR,
+    FinishReason.GPU_BUDGET: vision_pb2.FINISH_REASON_GPU_BUDGET,
 }
 # (field, low, high, low inclusive, high inclusive)
 _RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (

@@ -67,6 +67,7 @@ class FinishReason(Enum):
     LENGTH = "length"
     CANCELLED = "cancelled"
     ERROR = "error"
+    GPU_BUDGET = "gpu_budget"
 
 
 @dataclass(frozen=True)

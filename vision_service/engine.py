@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Protocol
 
+from dreamsight_server import metering
 from dreamsight_server.demo_marker import read_marker
 from dreamsight_server.errors import InvalidArgument, Unavailable
 from dreamsight_server.gpu_seconds import GpuSecondsMeter
@@ -248,6 +249,7 @@ class VllmChatEngine:
         if images:
             prompt["multi_modal_data"] = {"image": images}
         engine_id = f"{request.request_id or 'chat'}-{uuid.uuid4().hex[:12]}"
+        allowance = metering.allowance()
         self._meter.start(engine_id)
         finished = False
         first_token_at: float | None = None
@@ -274,11 +276,15 @@ class VllmChatEngine:
                 if output.finished:
                     finished = True
                     reason = _FINISH.get(completion.finish_reason or "", FinishReason.ERROR)
+                elif allowance is not None and self._meter.spent(engine_id) >= allowance:
+                    reason = FinishReason.GPU_BUDGET  # stopped (and aborted) below
+                    break
         except Exception as error:
             _raise_engine_error(error)
         finally:
             gpu_seconds = self._meter.finish(engine_id)
             self._metrics.gpu_seconds.inc(gpu_seconds)
+            metering.report(gpu_seconds)
             self._metrics.prompt_tokens.inc(prompt_tokens)
             self._metrics.completion_tokens.inc(completion_tokens)
             if not finished and self._engine is not None:

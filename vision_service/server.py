@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from dreamsight_server.errors import ErrorTable
 from dreamsight_server.lifecycle import GrpcServer
+from dreamsight_server.metering import settled_handlers
 from vision_service.config import VisionSettings
 from vision_service.engine import VllmChatEngine
 from vision_service.metrics import VisionMetrics
@@ -53,8 +54,19 @@ async def start_service(
     errors = ErrorTable()
     engine = VllmChatEngine(settings, metrics)
     server = GrpcServer(settings.server, [SERVICE_NAME], registry, errors)
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(
-        VisionServicer(engine, settings, metrics, errors), server.server
+    servicer = VisionServicer(engine, settings, metrics, errors)
+    vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server.server)
+    chat = (servicer.Chat, vision_pb2.ChatRequest, vision_pb2.ChatResponse)
+    devices = float(settings.tensor_parallel_size)
+    server.server.add_generic_rpc_handlers(
+        (
+            settled_handlers(
+                "VisionService",
+                {"Chat": chat},
+                errors,
+                lambda: devices / (engine.meter.running + 1),  # sharing with those running
+            ),
+        )
     )
     await server.start()
     return VisionService(settings, server, engine, metrics)

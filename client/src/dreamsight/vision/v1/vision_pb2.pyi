@@ -93,6 +93,10 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """The request was cancelled or its deadline passed."""
     FINISH_REASON_ERROR: _FinishReason.ValueType  # 4
     """The engine failed while generating."""
+    FINISH_REASON_GPU_BUDGET: _FinishReason.ValueType  # 5
+    """The call used up its GPU-second allowance (its share of the tenant's
+    remaining budget, set by the gateway); the text so far is billed.
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why generation ended."""
@@ -107,6 +111,10 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The request was cancelled or its deadline passed."""
 FINISH_REASON_ERROR: FinishReason.ValueType  # 4
 """The engine failed while generating."""
+FINISH_REASON_GPU_BUDGET: FinishReason.ValueType  # 5
+"""The call used up its GPU-second allowance (its share of the tenant's
+remaining budget, set by the gateway); the text so far is billed.
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final

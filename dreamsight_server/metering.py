@@ -1,0 +1,195 @@
+"""How a backend tells the gateway what a call spent, however the call ends.
+
+The gateway never calls a metered method (``VisionService.Chat``,
+``DiffusionService.Generate``) as its public unary-stream form. It calls the
+method's *settled* twin, a bidirectional stream at
+``/dreamsight.internal.v1.Settled/<Service>.<Method>``: it sends the one
+request and keeps its side of the stream open. Closing its side (a
+half-close) means "stop now": its caller cancelled, disconnected or ran out
+of time. However the call ends (done, failed, stopped, or out of its
+GPU-second allowance), the backend waits until its work has really stopped
+(a diffusion step in flight included), then ends the stream with the
+GPU-seconds the call spent in the ``x-dreamsight-gpu-seconds`` trailer. The
+gateway bills that trailer and only then gives the tenant's slot back.
+
+Why on the same stream, not by a gRPC cancel plus a separate "what did call X
+spend" RPC: a cancelled call carries no trailer back, and a separate RPC can
+land on another replica behind the gateway's round-robin balancer. The
+stream's own trailer always comes from the replica that did the work.
+
+A backend that dies mid-call sends no trailer; the gateway then bills an
+estimate from the elapsed time and the device share the backend announced in
+the ``x-dreamsight-device-share`` initial metadata, marked as an estimate.
+
+Each settled call leaves one log line, ``settled <Service>/<Method>
+tenant=... request_id=... gpu_seconds=... ended=ok|error|stopped``: the
+backend's own account of what it billed, to audit the gateway's ledger by.
+
+Engines report what they spend with :func:`report` and read the call's
+allowance with :func:`allowance`; both go through a context variable set for
+the duration of the call, so engine code stays free of transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from dreamsight_server.errors import ErrorTable
+from dreamsight_server.interceptors import abort_with, request_id_var
+from dreamsight_server.metadata import (
+    DEVICE_SHARE_HEADER,
+    GPU_ALLOWANCE_HEADER,
+    REQUEST_ID_HEADER,
+    TENANT_HEADER,
+    gpu_seconds_trailer,
+)
+
+log = logging.getLogger(__name__)
+
+SETTLED_SERVICE = "dreamsight.internal.v1.Settled"
+"""The internal service of settled twins (registered by each backend, not in protos/)."""
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Behavior = Callable[[Any, Context], AsyncIterator[Any]]
+
+
+def settled_path(service: str, method: str) -> str:
+    """The full method name of a metered method's settled twin."""
+    return f"/{SETTLED_SERVICE}/{service}.{method}"
+
+
+@dataclass
+class CallUsage:
+    """What one call spent, and may spend."""
+
+    allowance: float | None = None
+    """GPU-seconds the call may use (from the tenant's remaining budget); None: no limit."""
+    gpu_seconds: float = 0.0
+
+
+_usage: ContextVar[CallUsage | None] = ContextVar("dreamsight_call_usage", default=None)
+
+
+def report(gpu_seconds: float) -> None:
+    """Add GPU-seconds the current call spent (a no-op outside a settled call)."""
+    usage = _usage.get()
+    if usage is not None:
+        usage.gpu_seconds += gpu_seconds
+
+
+def allowance() -> float | None:
+    """The current call's GPU-second allowance, if the gateway set one."""
+    usage = _usage.get()
+    return usage.allowance if usage is not None else None
+
+
+class AllowanceSpent(Exception):
+    """An engine's signal that its call used up its GPU-second allowance."""
+
+
+def _allowance(context: Context) -> float | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == GPU_ALLOWANCE_HEADER and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                seconds = float(value)
+                if math.isfinite(seconds) and seconds >= 0:
+                    return seconds
+    return None
+
+
+def _metadata_value(context: Context, name: str) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == name and isinstance(value, str):
+            return value[:128]
+    return ""
+
+
+def settled_handler(
+    behavior: Behavior,
+    request_type: Any,
+    response_type: Any,
+    table: ErrorTable,
+    device_share: Callable[[], float],
+    name: str,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The settled twin of a unary-stream servicer method (see the module doc)."""
+
+    async def handle(_: Any, context: Context) -> None:
+        request_id_var.set(_metadata_value(context, REQUEST_ID_HEADER))
+        await context.send_initial_metadata(((DEVICE_SHARE_HEADER, repr(device_share())),))
+        request = await context.read()
+        if request is grpc.aio.EOF:  # type: ignore[attr-defined]
+            return  # stopped before it began: nothing spent
+        usage = CallUsage(allowance=_allowance(context))
+        token = _usage.set(usage)
+        try:  # the pump task copies this context, usage included
+            pump = asyncio.ensure_future(_pump(behavior(request, context), context))
+        finally:
+            _usage.reset(token)
+        stop = asyncio.ensure_future(context.read())  # returns at the gateway's half-close
+        error: BaseException | None = None
+        try:
+            await asyncio.wait({pump, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():
+                pump.cancel()  # stop now; the engine waits for its work to stop
+            await asyncio.wait({pump})
+            if not pump.cancelled():
+                error = pump.exception()
+        finally:
+            stop.cancel()
+            if not pump.done():  # the gateway itself went away: stop the work anyway
+                pump.cancel()
+        trailer = gpu_seconds_trailer(usage.gpu_seconds)
+        ended = "stopped" if pump.cancelled() else "error" if error is not None else "ok"
+        log.info(
+            "settled %s tenant=%s request_id=%s gpu_seconds=%r ended=%s",
+            name,
+            _metadata_value(context, TENANT_HEADER),
+            request_id_var.get(),
+            usage.gpu_seconds,
+            ended,
+        )
+        if isinstance(error, Exception):
+            await abort_with(context, error, name, table, extra_trailers=trailer)
+            return
+        context.set_trailing_metadata(trailer)
+        if pump.cancelled():
+            context.set_code(grpc.StatusCode.CANCELLED)
+            context.set_details("stopped by the gateway")
+
+    return grpc.stream_stream_rpc_method_handler(
+        handle,
+        request_deserializer=request_type.FromString,
+        response_serializer=response_type.SerializeToString,
+    )
+
+
+async def _pump(events: AsyncIterator[Any], context: Context) -> None:
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            await context.write(event)
+
+
+def settled_handlers(
+    service: str,
+    methods: dict[str, tuple[Behavior, Any, Any]],
+    table: ErrorTable,
+    device_share: Callable[[], float],
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """The settled twins of a backend's metered methods, as one generic handler."""
+    handlers = {
+        f"{service}.{method}": settled_handler(
+            behavior, request, response, table, device_share, f"{service}/{method}"
+        )
+        for method, (behavior, request, response) in methods.items()
+    }
+    return grpc.method_handlers_generic_handler(SETTLED_SERVICE, handlers)

@@ -1,0 +1,164 @@
+"""Every ending of a metered call is billed, and the slot comes back only when
+the backend's work has stopped (gateway.calls, dreamsight_server.metering).
+
+The backend here is the fake behind a real gRPC server and the real settled
+wrapper: what is under test is the transport between gateway and backend.
+The real services' side (the diffusion step in flight, vLLM's abort) is in
+tests/test_gateway_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from dreamsight.vision.v1 import vision_pb2_grpc
+
+from gateway.server import Gateway
+from tests.gateway_helpers import (
+    FakeBackend,
+    FakeVision,
+    bearer,
+    chat_request,
+    collect,
+    gateway_for,
+    new_key,
+)
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[FakeBackend]:
+    fake = FakeBackend(FakeVision(gpu_seconds=0.25))
+    await fake.start()
+    yield fake
+    await fake.kill()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, backend: FakeBackend) -> AsyncIterator[Gateway]:
+    gw = await gateway_for(tmp_path, backend.port, queue_length=40, queue_wait_s=20, http_port=0)
+    yield gw
+    await gw.stop(0)
+
+
+@pytest.fixture
+async def channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as ch:
+        yield ch
+
+
+async def _ledger(gateway: Gateway, tenant: str, rows: int) -> list[float]:
+    """The tenant's billed GPU-seconds, once the ledger has rows (billing ends after the reply)."""
+    for _ in range(200):
+        entries = gateway.store.sync.usage_entries(tenant, 0)
+        if len(entries) >= rows:
+            return [e.gpu_seconds for e in entries]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{tenant}: {len(entries)} ledger rows, expected {rows}")
+
+
+async def test_cancels_and_deadlines_on_grpc_are_billed_what_the_backend_spent(
+    gateway: Gateway, backend: FakeBackend, channel: grpc.aio.Channel
+) -> None:
+    key = await new_key(gateway, "quitter", "max")
+    stub = vision_pb2_grpc.VisionServiceStub(channel)
+
+    async def cancel_after_first() -> None:
+        call = stub.Chat(chat_request("sleep:2"), metadata=bearer(key))
+        async for _ in call:
+            call.cancel()
+            break
+
+    async def deadline() -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(channel, "sleep:2", bearer(key), timeout=0.2)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    await asyncio.gather(*(cancel_after_first() for _ in range(5)), *(deadline() for _ in range(5)))
+    billed = await _ledger(gateway, "quitter", 10)
+    assert billed == pytest.approx([0.25] * 10), "every ending billed what the backend reported"
+    assert backend.impl.cancelled == 10
+
+
+async def test_http_disconnects_and_deadlines_are_billed(
+    gateway: Gateway, backend: FakeBackend
+) -> None:
+    key = await new_key(gateway, "leaver", "max")
+    url = f"http://127.0.0.1:{gateway.http_port}/v1/chat/completions"
+    body = {"model": "fake", "messages": [{"role": "user", "content": "sleep:3"}], "stream": True}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=body, headers=headers) as response:
+            assert response.status == 200
+            await response.content.readline()  # the first event arrived; now hang up
+        timed = {**headers, "X-Request-Timeout": "0.3"}
+        async with session.post(url, json={**body, "stream": False}, headers=timed) as response:
+            assert response.status == 504
+    assert await _ledger(gateway, "leaver", 2) == pytest.approx([0.25, 0.25])
+
+
+async def test_the_slot_returns_only_when_the_backend_stopped(
+    gateway: Gateway, backend: FakeBackend, channel: grpc.aio.Channel
+) -> None:
+    """A free tenant cancels a call whose backend takes 0.5 s to stop, and calls
+    again at once: the backend never runs two of its calls."""
+    key = await new_key(gateway, "hasty", "free")
+    stub = vision_pb2_grpc.VisionServiceStub(channel)
+    first = stub.Chat(chat_request("slowstop:0.5"), metadata=bearer(key))
+    while backend.impl.running["hasty"] == 0:
+        await asyncio.sleep(0.01)
+    first.cancel()
+    started = time.monotonic()
+    replies = await collect(channel, "hi", bearer(key))
+    assert replies[-1].HasField("final")
+    assert backend.impl.peak["hasty"] == 1, "the tier held at the backend too"
+    assert time.monotonic() - started >= 0.45, "the second call waited for the first to stop"
+    assert await _ledger(gateway, "hasty", 2) == pytest.approx([0.25, 0.25])
+
+
+async def test_a_backend_that_dies_mid_call_is_billed_a_marked_estimate(
+    gateway: Gateway, backend: FakeBackend, channel: grpc.aio.Channel
+) -> None:
+    key = await new_key(gateway, "unlucky", "pro")
+    started = time.monotonic()
+    doomed = asyncio.ensure_future(collect(channel, "sleep:5", bearer(key)))
+    while backend.impl.running["unlucky"] == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    await backend.kill()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await doomed
+    elapsed = time.monotonic() - started
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    await _ledger(gateway, "unlucky", 1)
+    (entry,) = gateway.store.sync.usage_entries("unlucky", 0)
+    assert entry.estimated, "marked as an estimate"
+    assert 0.25 <= entry.gpu_seconds <= elapsed, "elapsed time x the device share (1 here)"
+    assert await gateway.core.limiter.in_flight("unlucky") == 0
+
+
+async def test_allowances_of_calls_in_flight_never_exceed_the_budget_left(
+    tmp_path: Path, backend: FakeBackend
+) -> None:
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text("tiers:\n  small: {concurrent_requests: 3, windows: {5h: 0.6, 7d: 100}}\n")
+    gw = await gateway_for(tmp_path, backend.port, tiers_file=str(tiers))
+    try:
+        key = await new_key(gw, "frugal", "small")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
+            await asyncio.gather(*(collect(ch, "sleep:0.5", bearer(key)) for _ in range(3)))
+            first = backend.impl.allowances[-3:]
+            assert all(a is not None and a > 0 for a in first)
+            assert sum(a or 0 for a in first) == pytest.approx(0.6), "the budget, shared out"
+            # 0.75 billed: the window is spent, and the next call is refused at admission.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await collect(ch, "hi", bearer(key))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await gw.core.limiter.in_flight("frugal") == 0
+    finally:
+        await gw.stop(0)

@@ -251,7 +251,7 @@ async def main() -> None:
         subprocess.Popen(
             [sys.executable, "-m", "vision_service", "--model", str(model),
              "--served-model-name", "llava-demo", "--port", str(grpc_port),
-             "--metrics-port", str(_free_port()), *common],
+             "--metrics-port", str(_free_port()), "--trust-any-caller", *common],
             stdout=logs[0], stderr=subprocess.STDOUT,
         ),
         subprocess.Popen(

@@ -5,13 +5,14 @@ from __future__ import annotations
 from diffusion_service.config import parse_settings
 from diffusion_service.server import start_service
 from dreamsight_server import lifecycle, torch_compat
+from dreamsight_server.settings import only_the_gateway
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse settings and serve until SIGTERM."""
     lifecycle.main(
         "diffusion",
-        lambda: parse_settings(argv),
+        lambda: only_the_gateway(parse_settings(argv)),
         start_service,
         prepare=lambda _: torch_compat.install(),
     )

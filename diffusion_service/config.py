@@ -21,6 +21,7 @@ from dreamsight_server.settings import (
     group,
     parse,
     setting,
+    trust_any_caller_setting,
 )
 
 TRAINING_DIR = Path(".dreamsight/training")
@@ -156,6 +157,7 @@ class DiffusionSettings:
     limits: Limits = group(Limits)
     training: TrainingSettings = group(TrainingSettings, prefix="training-")
     gateway_secret: str = gateway_secret_setting()
+    trust_any_caller: bool = trust_any_caller_setting()
     server: ServerOptions = group(
         lambda: ServerOptions(port=50053, metrics_port=9103, max_receive_bytes=MAX_REQUEST_BYTES)
     )

@@ -319,10 +319,35 @@ def gateway_secret_setting() -> Any:
     """The backends' shared secret with the gateway, declared once for both."""
     return setting(
         "",
-        "the secret the gateway sends with every call (x-dreamsight-gateway-token); empty "
-        "accepts any caller that can reach the port",
+        "the secret the gateway sends with every call (x-dreamsight-gateway-token); a "
+        "backend without it (or --tls-client-ca) starts only with --trust-any-caller",
         secret=True,
     )
+
+
+def trust_any_caller_setting() -> Any:
+    """The explicit opt-out of caller checks on a backend, declared once for both."""
+    return setting(
+        False,
+        "serve without a gateway secret or client certificates: any process that reaches "
+        "the port may claim any tenant (tests, or a network only the gateway can reach)",
+    )
+
+
+def only_the_gateway(settings: T) -> T:
+    """A backend started from its command line accepts only the gateway unless
+    told otherwise: a shared secret, client certificates (mTLS), or
+    --trust-any-caller said out loud. (In-process servers, as tests build them,
+    are configured in code and skip this.)"""
+    backend: Any = settings  # VisionSettings or DiffusionSettings
+    client_ca = backend.server.tls.client_ca if backend.server.tls else ""
+    if not backend.gateway_secret and not client_ca and not backend.trust_any_caller:
+        raise SettingsError(
+            "--gateway-secret: required (or --tls-client-ca for mTLS): without either, any "
+            "local process could call this backend as any tenant; pass --trust-any-caller "
+            "to serve anyway"
+        )
+    return settings
 
 
 def parse_or_exit(parse_settings: Callable[[], T]) -> T:

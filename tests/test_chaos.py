@@ -52,6 +52,7 @@ from tests.test_vision_service import png
 
 pytestmark = pytest.mark.slow
 
+BACKEND_SECRET = "chaos-backend-secret"
 LOAD_SECONDS = 24.0
 KILL_DIFFUSION_AT = 6.0
 RESTART_DIFFUSION_AFTER = 1.0
@@ -83,12 +84,17 @@ class DiffusionProcess:
             f"--training-store={work / 'jobs.sqlite3'}", "--grace-seconds=2",
             "--concurrency=2", "--max-queue=16",
         ]  # fmt: skip
+        self.env = {**os.environ, "DREAMSIGHT_DIFFUSION_GATEWAY_SECRET": BACKEND_SECRET}
         self.log = open(work / "diffusion.log", "ab")  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+            self.args,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=self.env,
         )
 
     def kill(self) -> None:
@@ -157,6 +163,7 @@ async def test_chaos_keeps_every_invariant(
         vision_target=f"127.0.0.1:{vision.service.port}",
         diffusion_target=f"127.0.0.1:{diffusion.port}",
         database=str(tmp_path / "gateway.sqlite3"),
+        backend_secret=BACKEND_SECRET,
         queue_length=4,
         queue_wait_s=2.0,
         http_port=None,

@@ -613,6 +613,7 @@ def test_process_serves_and_drains_on_sigterm(sd_dir: Path) -> None:
             "--metrics-port=0",
             "--grace-seconds=20",
             "--device=cpu",
+            "--trust-any-caller",  # this test calls the backend directly
         ],
     )
     try:
@@ -639,7 +640,13 @@ def test_a_model_that_fails_to_load_exits_non_zero_with_the_cause(tmp_path: Path
     empty.mkdir()
     service = ServiceProcess(
         "diffusion_service",
-        [f"--model=broken={empty}", "--port=0", "--metrics-port=0", "--device=cpu"],
+        [
+            f"--model=broken={empty}",
+            "--port=0",
+            "--metrics-port=0",
+            "--device=cpu",
+            "--trust-any-caller",
+        ],
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -99,6 +100,20 @@ def test_a_bad_setting_stops_the_process_with_status_2_naming_it() -> None:
         timeout=120,
     )
     assert unknown.returncode == 2 and "--no-such-flag" in unknown.stderr
+
+
+@pytest.mark.parametrize("module", ["vision_service", "diffusion_service"])
+def test_a_backend_without_a_way_to_know_the_gateway_refuses_to_start(module: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMSIGHT_")}
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--model=m"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--gateway-secret" in done.stderr and "--trust-any-caller" in done.stderr
 
 
 def test_secrets_come_from_a_file_or_the_environment_never_a_flag(tmp_path: Path) -> None:

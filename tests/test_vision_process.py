@@ -28,6 +28,7 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
             "--enforce-eager",
             "--dtype=float32",
             "--grace-seconds=20",
+            "--trust-any-caller",  # this test calls the backend directly
         ],
     )
     try:
@@ -69,7 +70,7 @@ def test_a_model_that_fails_to_load_exits_non_zero_with_the_cause(tmp_path: Path
     empty.mkdir()
     service = ServiceProcess(
         "vision_service",
-        [f"--model={empty}", "--port=0", "--metrics-port=0"],
+        [f"--model={empty}", "--port=0", "--metrics-port=0", "--trust-any-caller"],
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     try:

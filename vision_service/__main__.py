@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dreamsight_server import lifecycle, torch_compat
+from dreamsight_server.settings import only_the_gateway
 from vision_service.config import parse_settings
 from vision_service.server import start_service
 
@@ -11,7 +12,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse settings and serve until SIGTERM."""
     lifecycle.main(
         "vision",
-        lambda: parse_settings(argv),
+        lambda: only_the_gateway(parse_settings(argv)),
         start_service,
         prepare=lambda _: torch_compat.install(),
     )

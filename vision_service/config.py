@@ -14,7 +14,14 @@ from typing import ClassVar
 
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
-from dreamsight_server.settings import SettingsError, gateway_secret_setting, group, parse, setting
+from dreamsight_server.settings import (
+    SettingsError,
+    gateway_secret_setting,
+    group,
+    parse,
+    setting,
+    trust_any_caller_setting,
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class VisionSettings:
     )
     max_stop_strings: int = 16
     gateway_secret: str = gateway_secret_setting()
+    trust_any_caller: bool = trust_any_caller_setting()
     images: ImageLimits = group(ImageLimits)
     server: ServerOptions = group(lambda: ServerOptions(port=50052, metrics_port=9102))
 

@@ -46,7 +46,8 @@ class AuthenticationError(DreamsightError):
 
 
 class PermissionDenied(DreamsightError):
-    """PERMISSION_DENIED: another tenant's job or model, or an admin-only call."""
+    """PERMISSION_DENIED: an admin-only call, or deleting a shared base model
+    (another tenant's job or model is NOT_FOUND, like a missing one)."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
 

@@ -27,8 +27,9 @@ if _version_not_supported:
 
 class DiffusionServiceStub:
     """DiffusionService generates images and fine-tunes models on a subject.
-    Fine-tuned models and their jobs belong to the tenant that trained them;
-    other tenants get PERMISSION_DENIED or NOT_FOUND.
+    Fine-tuned models and their jobs belong to the tenant that trained them
+    (names are per tenant); to other tenants they answer exactly as missing
+    ones do, NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -81,8 +82,9 @@ class DiffusionServiceStub:
 
 class DiffusionServiceServicer:
     """DiffusionService generates images and fine-tunes models on a subject.
-    Fine-tuned models and their jobs belong to the tenant that trained them;
-    other tenants get PERMISSION_DENIED or NOT_FOUND.
+    Fine-tuned models and their jobs belong to the tenant that trained them
+    (names are per tenant); to other tenants they answer exactly as missing
+    ones do, NOT_FOUND.
     """
 
     def Generate(self, request, context):
@@ -197,8 +199,9 @@ def add_DiffusionServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class DiffusionService:
     """DiffusionService generates images and fine-tunes models on a subject.
-    Fine-tuned models and their jobs belong to the tenant that trained them;
-    other tenants get PERMISSION_DENIED or NOT_FOUND.
+    Fine-tuned models and their jobs belong to the tenant that trained them
+    (names are per tenant); to other tenants they answer exactly as missing
+    ones do, NOT_FOUND.
     """
 
     @staticmethod

@@ -28,8 +28,9 @@ GRPC_VERSION: str
 
 class DiffusionServiceStub:
     """DiffusionService generates images and fine-tunes models on a subject.
-    Fine-tuned models and their jobs belong to the tenant that trained them;
-    other tenants get PERMISSION_DENIED or NOT_FOUND.
+    Fine-tuned models and their jobs belong to the tenant that trained them
+    (names are per tenant); to other tenants they answer exactly as missing
+    ones do, NOT_FOUND.
     """
 
     @_typing.overload
@@ -62,8 +63,9 @@ class DiffusionServiceStub:
 @_typing.type_check_only
 class DiffusionServiceAsyncStub(DiffusionServiceStub):
     """DiffusionService generates images and fine-tunes models on a subject.
-    Fine-tuned models and their jobs belong to the tenant that trained them;
-    other tenants get PERMISSION_DENIED or NOT_FOUND.
+    Fine-tuned models and their jobs belong to the tenant that trained them
+    (names are per tenant); to other tenants they answer exactly as missing
+    ones do, NOT_FOUND.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -92,8 +94,9 @@ class DiffusionServiceAsyncStub(DiffusionServiceStub):
 
 class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
     """DiffusionService generates images and fine-tunes models on a subject.
-    Fine-tuned models and their jobs belong to the tenant that trained them;
-    other tenants get PERMISSION_DENIED or NOT_FOUND.
+    Fine-tuned models and their jobs belong to the tenant that trained them
+    (names are per tenant); to other tenants they answer exactly as missing
+    ones do, NOT_FOUND.
     """
 
     @_abc_1.abstractmethod

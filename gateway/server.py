@@ -17,12 +17,12 @@ from gateway.admission import Limiter, LocalLimiter, RedisLimiter
 from gateway.budgets import Budgets
 from gateway.config import GatewaySettings
 from gateway.core import GatewayCore
-from gateway.http_common import BodyLimits
-from gateway.http_server import HttpServer, start_http
+from gateway.grpc_api.proxy import backend_channel, backend_credentials, proxies
+from gateway.grpc_api.servicers import AdminServicer, UsageServicer
+from gateway.http_api.server import HttpServer, start_http
+from gateway.http_api.upstream import BodyLimits
 from gateway.keys import KeyService
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import backend_channel, backend_credentials, proxies
-from gateway.servicers import AdminServicer, UsageServicer
 from gateway.store import AsyncStore, SqlStore
 from gateway.tiers import load_tiers
 from gateway.training import TrainingMeter

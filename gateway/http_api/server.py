@@ -17,9 +17,9 @@ import grpc
 from aiohttp import web
 
 from dreamsight_server.lifecycle import TlsFiles
-from gateway import ollama_api, openai_api
 from gateway.core import GatewayCore
-from gateway.http_common import BodyLimits, Upstream
+from gateway.http_api import ollama, openai
+from gateway.http_api.upstream import BodyLimits, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ def build_app(upstream: Upstream) -> web.Application:
     limits = upstream.body_limits  # each endpoint reads with its own limit (read_json)
     app = web.Application(client_max_size=max(limits.chat, limits.other))
     app.router.add_get("/", _root)
-    app.add_subapp("/api", ollama_api.app(upstream))
-    app.add_subapp("/v1", openai_api.app(upstream))
+    app.add_subapp("/api", ollama.app(upstream))
+    app.add_subapp("/v1", openai.app(upstream))
     return app
 
 

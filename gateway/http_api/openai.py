@@ -27,23 +27,20 @@ from dreamsight.vision.v1 import vision_pb2
 
 from dreamsight_server.errors import InvalidArgument
 from gateway.calls import MeteredCall
-from gateway.http_common import (
+from gateway.http_api.body import (
     MAX_INT32,
     MAX_SEED,
     MAX_UINT32,
-    HttpError,
-    Upstream,
     decode_base64,
-    error_middleware,
     get,
     get_int,
-    http_error,
     json_schema_format,
     read_json,
     refuse,
-    reply_text,
     stop_strings,
 )
+from gateway.http_api.errors import HttpError, error_middleware, http_error
+from gateway.http_api.upstream import Upstream, reply_text
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import grpc
 from dreamsight.gateway.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 from dreamsight_server.errors import FailedPrecondition, PermissionDenied, Unauthenticated
-from gateway import convert
 from gateway.core import GatewayCore
+from gateway.grpc_api import convert
 from gateway.training import TrainingMeter
 
 Context = grpc.aio.ServicerContext[Any, Any]

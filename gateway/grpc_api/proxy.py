@@ -110,23 +110,18 @@ class ServiceProxy:
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for method in self._descriptor.methods:
             path = f"/{self._descriptor.full_name}/{method.name}"
-            metered = method.name in METERED_METHODS
-            if self._training is not None and method.name in TRAINING_METHODS:
-                make = (
-                    grpc.unary_stream_rpc_method_handler
-                    if method.server_streaming
-                    else grpc.unary_unary_rpc_method_handler
-                )
-                handlers[method.name] = make(
-                    self._training_call(path, method.name, method.server_streaming)
+            training = self._training if method.name in TRAINING_METHODS else None
+            if method.name in METERED_METHODS:
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    self._metered(method.name)
                 )
             elif method.server_streaming:
                 handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                    self._streaming(path, method.name, metered)
+                    self._streaming(path, method.name, training)
                 )
             else:
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    self._unary(path, method.name, metered)
+                    self._unary(path, method.name, training)
                 )
         return grpc.method_handlers_generic_handler(self._descriptor.full_name, handlers)
 
@@ -148,12 +143,15 @@ class ServiceProxy:
             await abort_with(context, error, f"{self._service}/{method}", self._core.errors)
             return None
 
-    def _training_call(self, path: str, method: str, streaming: bool) -> Any:
-        return _training_forward(self, path, method, streaming)
+    def _backend_metadata(
+        self, admission: Admission, training: TrainingMeter | None
+    ) -> tuple[tuple[str, str], ...]:
+        if training is not None:  # the tier's training-job limit goes upstream too
+            return training.metadata(admission)
+        return self._core.backend_metadata(admission)
 
-    def _streaming(self, path: str, method: str, metered: bool) -> Any:
-        if metered:
-            return self._metered(method)
+    def _streaming(self, path: str, method: str, training: TrainingMeter | None) -> Any:
+        """An unmetered stream (WatchTrainingJob): a job seen ending gets billed."""
         multicallable = self._channel.unary_stream(path, None, None)
         core = self._core
 
@@ -165,11 +163,13 @@ class ServiceProxy:
             code = grpc.StatusCode.UNKNOWN
             call = multicallable(
                 request,
-                metadata=core.backend_metadata(admission),
+                metadata=self._backend_metadata(admission, training),
                 timeout=context.time_remaining(),
             )
             try:
                 async for chunk in call:
+                    if training is not None:
+                        await training.observe(admission, method, chunk)
                     yield chunk
                 code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as error:
@@ -180,6 +180,9 @@ class ServiceProxy:
                 call.cancel()
                 raise
             finally:
+                if training is not None and admission.watched_job_ended:
+                    job_id = watched_job_id(request)
+                    await asyncio.shield(training.after_watch(admission, job_id))
                 await asyncio.shield(core.finish(admission, code, None))
 
         return forward
@@ -213,24 +216,31 @@ class ServiceProxy:
 
         return forward
 
-    def _unary(self, path: str, method: str, metered: bool) -> Any:
+    def _unary(self, path: str, method: str, training: TrainingMeter | None) -> Any:
+        """An unmetered call; training calls bill any ended job in the reply, and a
+        new job's budget check first sees the tenant's jobs that ended unbilled."""
         multicallable = self._channel.unary_unary(path, None, None)
         core = self._core
+        budget_only = training is not None and method == "CreateTrainingJob"
 
         @maps_own_errors
         async def forward(request: bytes, context: Context) -> bytes | None:
-            admission = await self._admit(context, method, metered)
+            if training is not None:
+                await training.before_admission(method, _metadata(context).get("authorization"))
+            admission = await self._admit(context, method, False, budget_only)
             if admission is None:
                 return None
             code = grpc.StatusCode.UNKNOWN
             call = multicallable(
                 request,
-                metadata=core.backend_metadata(admission),
+                metadata=self._backend_metadata(admission, training),
                 timeout=context.time_remaining(),
             )
             try:
                 response: bytes = await call
                 code = grpc.StatusCode.OK
+                if training is not None:
+                    await training.observe(admission, method, response)
                 return response
             except grpc.aio.AioRpcError as error:
                 code = error.code()
@@ -244,63 +254,6 @@ class ServiceProxy:
                 await asyncio.shield(core.finish(admission, code, None))
 
         return forward
-
-
-def _training_forward(proxy: ServiceProxy, path: str, method: str, streaming: bool) -> Any:
-    """Training calls: the tier's job limit goes upstream; ended jobs get billed."""
-    training = proxy._training
-    assert training is not None
-    core = proxy._core
-    budget_only = method == "CreateTrainingJob"
-
-    async def unary(request: bytes, context: Context) -> bytes | None:
-        # A new job's budget check sees the tenant's jobs that ended unbilled.
-        await training.before_admission(method, _metadata(context).get("authorization"))
-        admission = await proxy._admit(context, method, False, budget_only)
-        if admission is None:
-            return None
-        code = grpc.StatusCode.UNKNOWN
-        call = proxy._channel.unary_unary(path, None, None)(
-            request, metadata=training.metadata(admission), timeout=context.time_remaining()
-        )
-        try:
-            response: bytes = await call
-            code = grpc.StatusCode.OK
-            await training.observe(admission, method, response)
-            return response
-        except grpc.aio.AioRpcError as error:
-            code = error.code()
-            await _pass_error(context, error)
-            return None
-        finally:
-            await asyncio.shield(core.finish(admission, code, None))
-
-    async def stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
-        admission = await proxy._admit(context, method, False)
-        if admission is None:
-            return
-        code = grpc.StatusCode.UNKNOWN
-        call = proxy._channel.unary_stream(path, None, None)(
-            request, metadata=training.metadata(admission), timeout=context.time_remaining()
-        )
-        try:
-            async for chunk in call:
-                await training.observe(admission, method, chunk)
-                yield chunk
-            code = grpc.StatusCode.OK
-        except grpc.aio.AioRpcError as error:
-            code = error.code()
-            await _pass_error(context, error)
-        except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
-            call.cancel()
-            raise
-        finally:
-            if admission.watched_job_ended:
-                await asyncio.shield(training.after_watch(admission, watched_job_id(request)))
-            await asyncio.shield(core.finish(admission, code, None))
-
-    return maps_own_errors(stream if streaming else unary)
 
 
 def proxies(

@@ -1,0 +1,169 @@
+"""Reading request bodies, for both APIs: bounded, off the event loop when
+large, and every malformed body a 400 that names the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from aiohttp import web
+from dreamsight.vision.v1 import vision_pb2
+
+from dreamsight_server.errors import (
+    InvalidArgument,
+)
+
+T = TypeVar("T")
+
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting a request body may have (a chat request needs 5)."""
+
+
+_OFF_LOOP_BYTES = 64 * 1024
+"""Bodies larger than this are decoded in a worker thread, off the event loop."""
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object; any malformed body is InvalidArgument.
+
+    A body over limit bytes is HTTP 413, refused from its Content-Length before
+    a byte is read, or as soon as a chunked body passes it; large bodies are
+    decoded off the event loop, so one tenant's body does not hold every other
+    tenant's calls."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    raw = bytearray()
+    async for piece in request.content.iter_chunked(_OFF_LOOP_BYTES):
+        raw += piece
+        if len(raw) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+    charset = request.charset or "utf-8"
+    if len(raw) > _OFF_LOOP_BYTES:
+        return await asyncio.to_thread(decode_json, raw, charset)
+    return decode_json(raw, charset)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(raw: bytes | bytearray, charset: str = "utf-8") -> dict[str, Any]:
+    """Bytes as a JSON object of bounded depth, with finite numbers only."""
+    try:
+        text = raw.decode(charset)
+    except LookupError:
+        raise InvalidArgument("body", f"unsupported charset {charset[:40]!r}") from None
+    except UnicodeDecodeError as error:
+        raise InvalidArgument("body", f"not valid {charset[:40]}: {error.reason}") from None
+    try:
+        body = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidArgument("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as error:  # JSONDecodeError, huge integers, non-finite numbers
+        raise InvalidArgument("body", f"not valid JSON: {str(error)[:200]}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", "must be a JSON object")
+    _check_structure(body)
+    return body
+
+
+def _check_structure(body: Any) -> None:
+    """Bounded depth, and no lone surrogates (``"\\ud800"`` is valid JSON but no
+    string protobuf or a model can take)."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidArgument("body", f"nested deeper than {MAX_JSON_DEPTH} levels")
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        for item in items:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidArgument("body", "a string holds invalid unicode") from None
+            elif isinstance(item, dict | list):
+                stack.append((item, depth + 1))
+
+
+_KINDS = {str: "a string", bool: "a boolean", float: "a number", int: "an integer"}
+
+
+def get(body: Mapping[str, Any], key: str, kind: type[T], param: str) -> T | None:
+    """body[key] checked to be of kind (ints count as floats); None when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if kind is float and type(value) is int:
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise InvalidArgument(param, f"must be {_KINDS.get(kind, kind.__name__)}")
+    return value
+
+
+def get_int(body: Mapping[str, Any], key: str, param: str, low: int, high: int) -> int | None:
+    """An integer within [low, high], or None when absent."""
+    value = get(body, key, int, param)
+    if value is not None and not low <= value <= high:
+        raise InvalidArgument(param, f"{value} is outside {low} to {high}")
+    return value
+
+
+def stop_strings(value: Any, param: str) -> list[str]:
+    """A stop string or a list of them."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidArgument(param, "must be a string or a list of strings")
+
+
+def decode_base64(text: Any, param: str) -> bytes:
+    """Bytes from base64 text (standard alphabet, padding optional)."""
+    if not isinstance(text, str):
+        raise InvalidArgument(param, "must be a base64 string")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(param, "is not valid base64") from None
+
+
+def json_schema_format(schema: Any, param: str) -> vision_pb2.ResponseFormat:
+    """A JSON-schema response format from a schema object."""
+    if not isinstance(schema, dict):
+        raise InvalidArgument(param, "must be a JSON schema object")
+    return vision_pb2.ResponseFormat(
+        type=vision_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(schema)
+    )
+
+
+def refuse(body: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    """InvalidArgument for the first of keys given a non-empty value (unsupported here)."""
+    for key in keys:
+        if body.get(key):
+            raise InvalidArgument(key, "is not supported by dreamsight")
+
+
+MAX_SEED = 2**63 - 1
+
+
+MAX_UINT32 = 2**32 - 1
+
+
+MAX_INT32 = 2**31 - 1

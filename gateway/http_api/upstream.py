@@ -1,0 +1,251 @@
+"""Typed upstream calls for both HTTP APIs, each admitted and finished by the core.
+
+Every upstream call is admitted by :class:`~gateway.core.GatewayCore` (key,
+budgets, a concurrency slot for metered calls) and finished on every ending,
+exactly as the gRPC proxy does, metered calls through the one lifecycle of
+:mod:`gateway.calls`; only the transport differs. Calls go over the gateway's
+backend channels as typed gRPC, with the vouched tenant metadata and the
+caller's deadline (``X-Request-Timeout``, in seconds) when it sent one. A
+caller who disconnects cancels the handler (aiohttp's handler cancellation),
+which stops the upstream call; the call is billed what the backend spent
+until it stopped, and the slot comes back then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from aiohttp import web
+from dreamsight.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
+from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
+
+from dreamsight_server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+)
+from dreamsight_server.metadata import REQUEST_ID_HEADER
+from gateway.calls import MeteredCall
+from gateway.core import Admission, GatewayCore
+
+M = TypeVar("M")
+
+
+R = TypeVar("R")
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+"""Seconds the caller will wait; it becomes the upstream gRPC deadline."""
+
+
+def reply_text(messages: list[vision_pb2.ChatResponse]) -> str:
+    """The reply as the stream delivered it: its deltas, joined."""
+    return "".join(m.delta for m in messages if m.HasField("delta"))
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """Largest request bodies, in bytes (HTTP 413 beyond)."""
+
+    chat: int
+    """Chat endpoints, whose bodies carry base64 images."""
+    other: int
+    """Every other endpoint."""
+
+
+class Upstream:
+    """Typed calls to the backends, each admitted and finished by the core."""
+
+    def __init__(
+        self,
+        core: GatewayCore,
+        vision: grpc.aio.Channel,
+        diffusion: grpc.aio.Channel,
+        body_limits: BodyLimits,
+    ) -> None:
+        self.core = core
+        self.body_limits = body_limits
+        self._vision_channel = vision
+        self._diffusion_channel = diffusion
+        self._vision = vision_pb2_grpc.VisionServiceStub(vision)
+        self._diffusion = diffusion_pb2_grpc.DiffusionServiceStub(diffusion)
+
+    async def authenticate(self, request: web.Request) -> None:
+        """Unauthenticated unless the key is good: checked before a body is read."""
+        await self.core.authenticate(request.headers.get("Authorization"))
+
+    async def _admit(
+        self,
+        request: web.Request,
+        protocol: str,
+        service: str,
+        method: str,
+        metered: bool,
+        expires: float | None,
+    ) -> Admission:
+        admit = self.core.admit(
+            request.headers.get("Authorization"),
+            service,
+            method,
+            request.headers.get(REQUEST_ID_HEADER),
+            metered=metered,
+            protocol=protocol,
+        )
+        try:
+            return await asyncio.wait_for(admit, _remaining(expires))
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline passed while waiting for a slot") from None
+
+    @contextlib.asynccontextmanager
+    async def _stream(
+        self,
+        request: web.Request,
+        protocol: str,
+        service: str,
+        method: str,
+        channel: grpc.aio.Channel,
+        message: Any,
+        response_type: Any,
+    ) -> AsyncIterator[MeteredCall[Any]]:
+        """A metered call in the one lifecycle (gateway.calls), settled on every
+        ending: done, failed, the caller gone (aiohttp cancels the handler) or its
+        X-Request-Timeout passed."""
+        expires = deadline(request)
+        admission = await self._admit(request, protocol, service, method, True, expires)
+        call: MeteredCall[Any] = MeteredCall(
+            self.core,
+            admission,
+            channel,
+            message,
+            _remaining(expires),
+            expires_at=expires,
+            serializer=type(message).SerializeToString,
+            deserializer=response_type.FromString,
+        )
+        try:
+            await call.start()
+            yield call
+        finally:
+            await self.core.settle(call.settle())
+
+    def chat(
+        self, request: web.Request, protocol: str, chat: vision_pb2.ChatRequest
+    ) -> contextlib.AbstractAsyncContextManager[MeteredCall[vision_pb2.ChatResponse]]:
+        """A metered VisionService.Chat stream."""
+        return self._stream(
+            request,
+            protocol,
+            "VisionService",
+            "Chat",
+            self._vision_channel,
+            chat,
+            vision_pb2.ChatResponse,
+        )
+
+    def generate(
+        self, request: web.Request, protocol: str, generate: diffusion_pb2.GenerateRequest
+    ) -> contextlib.AbstractAsyncContextManager[MeteredCall[diffusion_pb2.GenerateResponse]]:
+        """A metered DiffusionService.Generate stream."""
+        return self._stream(
+            request,
+            protocol,
+            "DiffusionService",
+            "Generate",
+            self._diffusion_channel,
+            generate,
+            diffusion_pb2.GenerateResponse,
+        )
+
+    async def _unary(
+        self,
+        request: web.Request,
+        protocol: str,
+        service: str,
+        method: str,
+        call: Callable[[Metadata, float | None], Awaitable[R]],
+    ) -> R:
+        expires = deadline(request)
+        admission = await self._admit(request, protocol, service, method, False, expires)
+        code = grpc.StatusCode.CANCELLED
+        try:
+            result = await call(self.core.backend_metadata(admission), _remaining(expires))
+            code = grpc.StatusCode.OK
+            return result
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            raise
+        finally:
+            await asyncio.shield(self.core.finish(admission, code, None))
+
+    async def vision_models(
+        self, request: web.Request, protocol: str
+    ) -> list[vision_pb2.VisionModel]:
+        """VisionService.ListModels."""
+        response = await self._unary(
+            request,
+            protocol,
+            "VisionService",
+            "ListModels",
+            lambda metadata, timeout: self._vision.ListModels(
+                vision_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout
+            ),
+        )
+        return list(response.models)
+
+    async def vision_model(
+        self, request: web.Request, protocol: str, name: str
+    ) -> vision_pb2.VisionModel:
+        """VisionService.GetModel."""
+        response = await self._unary(
+            request,
+            protocol,
+            "VisionService",
+            "GetModel",
+            lambda metadata, timeout: self._vision.GetModel(
+                vision_pb2.GetModelRequest(name=name), metadata=metadata, timeout=timeout
+            ),
+        )
+        return response.model
+
+    async def diffusion_models(
+        self, request: web.Request, protocol: str
+    ) -> list[diffusion_pb2.DiffusionModel]:
+        """DiffusionService.ListModels: base models and the caller's own."""
+        response = await self._unary(
+            request,
+            protocol,
+            "DiffusionService",
+            "ListModels",
+            lambda metadata, timeout: self._diffusion.ListModels(
+                diffusion_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout
+            ),
+        )
+        return list(response.models)
+
+
+def deadline(request: web.Request) -> float | None:
+    """When the caller stops waiting (event-loop time), from X-Request-Timeout seconds."""
+    text = request.headers.get(TIMEOUT_HEADER)
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidArgument(TIMEOUT_HEADER, "must be a positive number of seconds")
+    return asyncio.get_running_loop().time() + seconds
+
+
+def _remaining(expires: float | None) -> float | None:
+    if expires is None:
+        return None
+    return max(0.0, expires - asyncio.get_running_loop().time())

@@ -14,7 +14,7 @@ TORCH_CPU_UNUSED := torchaudio torchcodec
 DEMO_HOME ?= .dreamsight
 PYTEST_ARGS ?=
 
-.PHONY: system-deps setup demo test lint typecheck buf pytest protos clean bench-vision bench-gateway
+.PHONY: system-deps setup demo test lint typecheck buf pytest protos clean bench-vision bench-gateway bench-openai
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ pytest: setup
 
 bench-vision: setup
 	$(BIN)/python bench/bench_vision.py
+
+bench-openai: setup
+	$(BIN)/python bench/bench_openai.py
 
 bench-gateway: setup
 	PYTHONPATH=. $(BIN)/python bench/bench_gateway.py

@@ -7,7 +7,9 @@ Same tiny demo LLaVA, prompt, image and machine, in one run:
 (a) vLLM AsyncLLM in-process (the engine our service wraps, driven directly
     with pre-rendered prompt ids and a decoded image: the floor);
 (b) our VisionService over gRPC on loopback (PNG decoding, chat template,
-    validation, metering and metrics included);
+    validation, metering and metrics included), called directly (``grpc``)
+    and through the gateway (``gateway``: its own process, as ``dreamsight
+    up`` starts it, a key on a tier that admits the whole load);
 (c) vLLM's own OpenAI-compatible server (``python -m
     vllm.entrypoints.openai.api_server``) streaming the same chat with the
     image as a data URL.
@@ -17,7 +19,9 @@ clients of all three share this process. Rounds alternate
 a/b/c so drift on the shared cores hits all three alike. Reports TTFT p50/p95
 and aggregate completion tokens/s at 1 and 8 concurrent streams; the last line
 is ``bench vision: ttft_p50_added_ms=X throughput_vs_engine=Y
-throughput_vs_vllm_openai=Z`` (X: (b) minus (a) at 1 stream; Y and Z at 8).
+throughput_vs_vllm_openai=Z gateway_throughput_vs_direct=G
+gateway_ttft_p50_added_ms=T`` (X: (b) direct minus (a) at 1 stream; Y, Z
+and G at 8; T: through the gateway minus direct at 1).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +42,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from stack import GatewayProcess, free_port
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -62,12 +67,6 @@ def _png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (96, 80), (200, 40, 40)).save(out, format="PNG")
     return out.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def measure(run: Runner, concurrency: int, streams: int) -> tuple[list[float], float]:
@@ -107,7 +106,9 @@ def engine_runner(engine: Any, prompt_ids: list[int], image: Any, tokens: int) -
     return run
 
 
-def grpc_runner(port: int, png: bytes, tokens: int) -> Runner:
+def grpc_runner(
+    port: int, png: bytes, tokens: int, metadata: tuple[tuple[str, str], ...]
+) -> Runner:
     import grpc
     from dreamsight.common.v1 import common_pb2
     from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
@@ -129,7 +130,7 @@ def grpc_runner(port: int, png: bytes, tokens: int) -> Runner:
         start = time.perf_counter()
         first = None
         count = 0
-        async for response in stub.Chat(request):
+        async for response in stub.Chat(request, metadata=metadata):
             if response.WhichOneof("event") == "delta" and first is None:
                 first = time.perf_counter() - start
             elif response.WhichOneof("event") == "final":
@@ -245,14 +246,15 @@ async def main() -> None:
     model = args.model or demo_model.build(workdir / "llava-demo")
     common = ["--max-model-len", "1024", "--max-num-seqs", "16", "--enforce-eager"]
     common += ["--dtype", "float32"]
-    grpc_port, openai_port = _free_port(), _free_port()
+    grpc_port, openai_port = free_port(), free_port()
+    gateway = GatewayProcess(workdir, grpc_port)
     logs = [open(workdir / f"{name}.log", "wb") for name in ("ours", "vllm")]  # noqa: SIM115
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "vision_service", "--model", str(model),
              "--served-model-name", "llava-demo", "--port", str(grpc_port),
-             "--metrics-port", str(_free_port()), "--trust-any-caller", *common],
-            stdout=logs[0], stderr=subprocess.STDOUT,
+             "--metrics-port", str(free_port()), *common],
+            stdout=logs[0], stderr=subprocess.STDOUT, env={**os.environ, **gateway.backend_env},
         ),
         subprocess.Popen(
             # `vllm serve` looks up the "vllm" distribution, which vllm-cpu is not.
@@ -270,15 +272,22 @@ async def main() -> None:
     try:
         await engine.start()
         await wait_grpc(grpc_port, procs[0])
+        gateway.start()
+        key = await asyncio.to_thread(gateway.serving)
         await wait_http(openai_port, procs[1])
         png = _png()
         image = decode_image(png, ImageLimits(), "image")
         prompt_ids = engine.render_prompt(
             ChatInput(model="llava-demo", messages=(ChatMessage(Role.USER, PROMPT, (image,)),))
         )
+        from dreamsight_server.metadata import GATEWAY_TOKEN_HEADER
+
+        direct = ((GATEWAY_TOKEN_HEADER, gateway.secret),)  # the vision service's only caller
+        bearer = (("authorization", f"Bearer {key}"),)
         runners = {
             "engine": engine_runner(engine.vllm, prompt_ids, image, args.tokens),
-            "grpc": grpc_runner(grpc_port, png, args.tokens),
+            "grpc": grpc_runner(grpc_port, png, args.tokens, direct),
+            "gateway": grpc_runner(gateway.port, png, args.tokens, bearer),
             "openai": openai_runner(openai_port, png, args.tokens, "llava-demo"),
         }
         for run in runners.values():  # warm-up, at both batch sizes
@@ -302,11 +311,15 @@ async def main() -> None:
         added = summary[("grpc", 1)][0] - summary[("engine", 1)][0]
         vs_engine = summary[("grpc", 8)][1] / summary[("engine", 8)][1]
         vs_openai = summary[("grpc", 8)][1] / summary[("openai", 8)][1]
+        via_gateway = summary[("gateway", 8)][1] / summary[("grpc", 8)][1]
+        gateway_added = summary[("gateway", 1)][0] - summary[("grpc", 1)][0]
         print(
             f"bench vision: ttft_p50_added_ms={added:.2f} throughput_vs_engine={vs_engine:.3f} "
-            f"throughput_vs_vllm_openai={vs_openai:.3f}"
+            f"throughput_vs_vllm_openai={vs_openai:.3f} gateway_throughput_vs_direct="
+            f"{via_gateway:.3f} gateway_ttft_p50_added_ms={gateway_added:.2f}"
         )
     finally:
+        gateway.stop()
         engine.shutdown()
         for proc in procs:
             proc.terminate()

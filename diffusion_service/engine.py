@@ -369,17 +369,18 @@ class DiffusersEngine:
         self._metrics.models_loaded.set(loaded)
 
     def _work(self, generation: _Generation) -> tuple[list[bytes], float]:
-        """Runs in a worker thread: load if needed, render, meter."""
+        """Runs in a worker thread: load if needed, render, meter (a model load
+        holds the worker too, so it is metered to the call that needed it)."""
         try:
             if generation.cancelled.is_set():
                 raise _Stopped
             if not self.registry.contains(generation.entry):
                 raise NotFound(f"model {generation.entry.info.name!r} was deleted")
-            model = self._cache.get(generation.entry.info.name, generation.entry.source)
-            if generation.cancelled.is_set():
-                raise _Stopped
             self.meter.start(generation.id)
             try:
+                model = self._cache.get(generation.entry.info.name, generation.entry.source)
+                if generation.cancelled.is_set():
+                    raise _Stopped
                 generation.last_mark = time.monotonic()
                 pngs = render(
                     model, generation.params, lambda counts: self._evaluated(generation, counts)

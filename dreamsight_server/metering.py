@@ -128,6 +128,7 @@ def settled_handler(
         await context.send_initial_metadata(((DEVICE_SHARE_HEADER, repr(device_share())),))
         request = await context.read()
         if request is grpc.aio.EOF:  # type: ignore[attr-defined]
+            context.set_trailing_metadata(gpu_seconds_trailer(0.0))
             return  # stopped before it began: nothing spent
         usage = CallUsage(allowance=_allowance(context))
         token = _usage.set(usage)
@@ -136,6 +137,7 @@ def settled_handler(
         finally:
             _usage.reset(token)
         stop = asyncio.ensure_future(context.read())  # returns at the gateway's half-close
+        stop.add_done_callback(_retrieve)
         error: BaseException | None = None
         try:
             await asyncio.wait({pump, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -171,6 +173,12 @@ def settled_handler(
         request_deserializer=request_type.FromString,
         response_serializer=response_type.SerializeToString,
     )
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a finished read's outcome as seen (a gateway gone mid-read is normal)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _pump(events: AsyncIterator[Any], context: Context) -> None:

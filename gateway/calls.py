@@ -141,14 +141,17 @@ class MeteredCall(Generic[M]):
         if self._settled:
             return
         self._settled = True
-        if not self._ended:
-            self.code = self._stop_code or code_if_stopped
-            await self._stop()
-        estimated = self.gpu_seconds is None
-        if estimated:
-            self.gpu_seconds = await self._estimate()
-        code = self.code or code_if_stopped
-        await self._core.finish(self.admission, code, self.gpu_seconds, estimated=estimated)
+        estimated = False
+        try:
+            if not self._ended:
+                self.code = self._stop_code or code_if_stopped
+                await self._stop()
+            estimated = self.gpu_seconds is None
+            if estimated:
+                self.gpu_seconds = await self._estimate()
+        finally:  # whatever failed above, the call is billed what is known and freed
+            code = self.code or code_if_stopped
+            await self._core.finish(self.admission, code, self.gpu_seconds, estimated=estimated)
 
     async def _stop(self) -> None:
         """Half-close ("stop now") and wait for the backend's trailer."""
@@ -164,6 +167,12 @@ class MeteredCall(Generic[M]):
             trailers = error.trailing_metadata()
         except TimeoutError:
             self._call.cancel()
+        except (Exception, asyncio.CancelledError):
+            # The channel closed under it (the gateway is stopping): estimate, unless
+            # this very task is being cancelled.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
         self.gpu_seconds = _float(trailers, GPU_SECONDS_TRAILER)
 
     async def _estimate(self) -> float:

@@ -94,6 +94,8 @@ class GatewayCore:
         # tenant -> allowances of its metered calls in flight on this replica
         self._reserved: dict[str, dict[str, float]] = {}
         self._settling: set[asyncio.Task[None]] = set()
+        self._open: set[str] = set()
+        """Call ids of metered calls admitted and not yet finished."""
 
     async def authenticate(self, authorization: str | None) -> tuple[Caller, Tier]:
         """The caller and its tier, or Unauthenticated."""
@@ -142,6 +144,7 @@ class GatewayCore:
         if metered:
             try:
                 await self._reserve(admission)
+                self._open.add(admission.call_id)
             except BaseException:  # refused: leave nothing held
                 self.metrics.in_flight.labels(tier.name).dec()
                 await self.limiter.release(lease)  # type: ignore[arg-type]
@@ -182,10 +185,17 @@ class GatewayCore:
         await asyncio.shield(task)
 
     async def drain(self, timeout_s: float) -> None:
-        """Wait (up to timeout_s) for the endings of calls still settling, so that
-        a stopping gateway bills them before it closes its channels and store."""
-        if self._settling:
-            await asyncio.wait(set(self._settling), timeout=timeout_s)
+        """Wait (up to timeout_s) until every metered call admitted has finished
+        (its handler's ending may start after the server stopped), so that a
+        stopping gateway bills them before it closes its channels and store."""
+        deadline = time.monotonic() + timeout_s
+        while (self._open or self._settling) and time.monotonic() < deadline:
+            if self._settling:
+                await asyncio.wait(set(self._settling), timeout=0.05)
+            else:
+                await asyncio.sleep(0.01)
+        if self._open:
+            log.warning("stopping with %d metered calls unfinished", len(self._open))
 
     def backend_metadata(self, admission: Admission) -> tuple[tuple[str, str], ...]:
         """What a backend hears: the vouched tenant and request id (and the call's
@@ -218,22 +228,15 @@ class GatewayCore:
         *,
         estimated: bool = False,
     ) -> None:
-        """Release the slot, count the call, bill its GPU-seconds once (callers of
-        metered calls finish only after the backend's work stopped)."""
+        """Bill the call's GPU-seconds once, count it, then release its allowance and
+        slot (callers of metered calls finish only after the backend's work
+        stopped). The bill lands before the slot moves on, so the next call's
+        allowance sees what this one spent."""
         if admission.finished:
             return
         admission.finished = True
         tier = admission.tier.name
-        reserved = self._reserved.get(admission.caller.tenant)
-        if reserved is not None:
-            reserved.pop(admission.call_id, None)
-            if not reserved:
-                del self._reserved[admission.caller.tenant]
         try:
-            if admission.lease is not None:
-                self.metrics.in_flight.labels(tier).dec()
-                await self.limiter.release(admission.lease)
-        finally:
             self.metrics.requests.labels(
                 admission.service, admission.method, code.name, tier, admission.protocol
             ).inc()
@@ -241,15 +244,39 @@ class GatewayCore:
                 time.monotonic() - admission.started
             )
             if gpu_seconds is not None and gpu_seconds > 0:
-                billed = await self.budgets.record(
-                    admission.ledger_id,
-                    admission.caller,
-                    admission.service,
-                    gpu_seconds,
-                    admission.request_id,
-                    estimated,
-                )
-                if billed:
-                    self.metrics.gpu_seconds.labels(tier, admission.service).inc(gpu_seconds)
-                else:
-                    log.info("request %s was already billed", admission.ledger_id)
+                await self._bill(admission, gpu_seconds, estimated)
+        finally:
+            reserved = self._reserved.get(admission.caller.tenant)
+            if reserved is not None:
+                reserved.pop(admission.call_id, None)
+                if not reserved:
+                    del self._reserved[admission.caller.tenant]
+            self._open.discard(admission.call_id)
+            if admission.lease is not None:
+                self.metrics.in_flight.labels(tier).dec()
+                await self.limiter.release(admission.lease)
+
+    async def _bill(self, admission: Admission, gpu_seconds: float, estimated: bool) -> None:
+        tier = admission.tier.name
+        try:
+            billed = await self.budgets.record(
+                admission.ledger_id,
+                admission.caller,
+                admission.service,
+                gpu_seconds,
+                admission.request_id,
+                estimated,
+            )
+        except Exception:  # the call is over either way; say loudly what was not billed
+            self.metrics.billing_failures.inc()
+            log.exception(
+                "could not bill %s (%s, %.6f GPU-s)",
+                admission.ledger_id,
+                admission.caller.tenant,
+                gpu_seconds,
+            )
+            return
+        if billed:
+            self.metrics.gpu_seconds.labels(tier, admission.service).inc(gpu_seconds)
+        else:
+            log.info("request %s was already billed", admission.ledger_id)

@@ -62,3 +62,8 @@ class GatewayMetrics:
             ["tier", "service"],
             registry=registry,
         )
+        self.billing_failures = Counter(
+            "dreamsight_gateway_billing_failures_total",
+            "Calls whose GPU-seconds could not be written to the ledger (logged with the amount)",
+            registry=registry,
+        )

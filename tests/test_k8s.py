@@ -295,10 +295,14 @@ def test_pods_start_with_settings_their_services_read(rendered: dict[str, list[D
             assert "service" not in container[probe]["grpc"], "the server-wide health status"
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
         grace = _pod_spec(deployment)["terminationGracePeriodSeconds"]
-        # SIGTERM comes after preStop; then the server drains for grace_s and
-        # its engine still has to shut down.
-        assert grace >= pre_stop.get("seconds", 0) + server.grace_s + 10, where
-        assert grace <= pre_stop.get("seconds", 0) + server.grace_s + 60, where
+        # SIGTERM comes after preStop; then the server drains for grace_s, the
+        # gateway bills the calls the stop cut (up to its settle timeout), and
+        # an engine still has to shut down.
+        drain = (
+            pre_stop.get("seconds", 0) + server.grace_s + getattr(settings, "settle_timeout_s", 0)
+        )
+        assert grace >= drain + 10, where
+        assert grace <= drain + 60, where
 
 
 def test_gateway_reaches_backends_through_headless_services(

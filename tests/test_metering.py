@@ -162,3 +162,47 @@ async def test_allowances_of_calls_in_flight_never_exceed_the_budget_left(
         assert await gw.core.limiter.in_flight("frugal") == 0
     finally:
         await gw.stop(0)
+
+
+async def test_a_queued_calls_allowance_sees_what_the_call_before_it_spent(
+    tmp_path: Path, backend: FakeBackend
+) -> None:
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text("tiers:\n  one: {concurrent_requests: 1, windows: {5h: 0.4, 7d: 100}}\n")
+    gw = await gateway_for(tmp_path, backend.port, tiers_file=str(tiers))
+    try:
+        key = await new_key(gw, "queuer", "one")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
+            first = asyncio.ensure_future(collect(ch, "sleep:0.3", bearer(key)))
+            while backend.impl.running["queuer"] == 0:
+                await asyncio.sleep(0.01)
+            await collect(ch, "hi", bearer(key))  # queued behind the first
+            await first
+        first_allowance, second_allowance = backend.impl.allowances[-2:]
+        assert first_allowance == pytest.approx(0.4)
+        assert second_allowance == pytest.approx(0.4 - 0.25), "the first call's bill counted"
+    finally:
+        await gw.stop(0)
+
+
+async def test_a_stopping_gateway_bills_the_calls_it_cuts(
+    tmp_path: Path, backend: FakeBackend
+) -> None:
+    from gateway.store import SqlStore
+
+    gw = await gateway_for(tmp_path, backend.port)
+    key = await new_key(gw, "cut", "pro")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
+    calls = [asyncio.ensure_future(collect(channel, "slowstop:0.3", bearer(key))) for _ in range(3)]
+    while backend.impl.running["cut"] < 3:
+        await asyncio.sleep(0.01)
+    await gw.stop(0)  # cuts the three calls; each backend call takes 0.3 s to stop
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+    await channel.close()
+    store = SqlStore(str(tmp_path / "gateway.sqlite3"))
+    try:
+        assert [e.gpu_seconds for e in store.usage_entries("cut", 0)] == pytest.approx([0.25] * 3)
+    finally:
+        store.close()

@@ -21,7 +21,7 @@ from aiohttp import web
 from dreamsight.common.v1 import common_pb2
 from dreamsight.vision.v1 import vision_pb2
 
-from dreamsight_server.errors import InvalidArgument
+from dreamsight_server.errors import DreamsightError, InvalidArgument
 from gateway.calls import MeteredCall
 from gateway.http_api.body import (
     MAX_INT32,
@@ -266,7 +266,7 @@ class OllamaApi:
                     line = {**piece(message.delta), "done": False}
                 await response.write(_line(line))
                 message = await call.read()
-        except grpc.aio.AioRpcError as error:  # the status line went out: an error line
+        except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error line
             error_line = {"error": http_error(error, self._up.core.errors, request).message}
             await response.write(_line(error_line))
         await response.write_eof()

@@ -25,7 +25,7 @@ from dreamsight.common.v1 import common_pb2
 from dreamsight.diffusion.v1 import diffusion_pb2
 from dreamsight.vision.v1 import vision_pb2
 
-from dreamsight_server.errors import InvalidArgument
+from dreamsight_server.errors import DreamsightError, InvalidArgument
 from gateway.calls import MeteredCall
 from gateway.http_api.body import (
     MAX_INT32,
@@ -260,7 +260,7 @@ class OpenAIApi:
                         await response.write(_sse({**head, **usage, "usage": _usage(final)}))
                 message = await call.read()
             await response.write(_sse("[DONE]"))
-        except grpc.aio.AioRpcError as error:  # the status line went out: an error event
+        except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error event
             body = _error_body(http_error(error, self._up.core.errors, request))
             await response.write(_sse(body))
         await response.write_eof()

@@ -1,0 +1,179 @@
+"""The OpenAI user's path against vLLM's own server, measured by vLLM's own client.
+
+    python bench/bench_openai.py [--rounds N] [--prompts N] [--concurrency 1,8,16]
+
+One run on this machine, same demo LLaVA directory and engine settings on
+both sides (max-model-len 2048, max-num-seqs 16, enforce-eager, 1 GiB KV
+cache, float32):
+
+- **ours**: the path an OpenAI-compatible user takes, as ``dreamsight up``
+  starts it: HTTP ``/v1`` on the gateway (its own process, a key on a tier
+  that admits the whole load), then the vision service (its own process, with
+  the backend secret), then vLLM;
+- **vllm**: vLLM's own OpenAI server (``python -m
+  vllm.entrypoints.openai.api_server``).
+
+Both are driven by ``vllm bench serve --backend openai-chat`` from the
+project's virtualenv (random dataset, 32 prompt tokens and up to 32 out,
+temperature 0, both stopping at end-of-sequence), alternating ours and vLLM's
+at each concurrency, ``--rounds`` times. The token totals of the two sides
+must match (same model, greedy): the run fails if they do not. Reports
+output tokens/s (median over rounds) and TTFT p50; the last line is::
+
+    bench openai: tok_s_ratio_c1=A tok_s_ratio_c8=B tok_s_ratio_c16=C ttft_p50_added_ms_c1=D
+
+(ratios: ours / vLLM's server; D: ours minus vLLM's TTFT p50 at 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from stack import GatewayProcess, free_port, wait_grpc_serving
+
+ENGINE = ["--max-model-len", "2048", "--max-num-seqs", "16", "--enforce-eager"]
+ENGINE += ["--dtype", "float32"]
+MODEL_NAME = "llava-demo"
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def _vllm_bench(
+    base_url: str, model_dir: Path, concurrency: int, prompts: int, out: Path, key: str
+) -> dict[str, Any]:
+    """One ``vllm bench serve`` run; its saved JSON result."""
+    vllm = Path(sys.executable).with_name("vllm")
+    command = [
+        str(vllm), "bench", "serve", "--backend", "openai-chat", "--base-url", base_url,
+        "--endpoint", "/v1/chat/completions", "--model", MODEL_NAME,
+        "--tokenizer", str(model_dir), "--dataset-name", "random",
+        "--random-input-len", "32", "--random-output-len", "32",
+        "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+        "--temperature", "0", "--seed", "0", "--disable-tqdm",
+        "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
+    ]  # fmt: skip
+    env = {**os.environ, "OPENAI_API_KEY": key}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"vllm bench serve failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    result: dict[str, Any] = json.loads(out.read_text())
+    if result.get("completed") != prompts:
+        raise RuntimeError(f"{base_url}: {result.get('completed')} of {prompts} completed")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,8,16")
+    parser.add_argument("--model", type=Path, default=None, help="a LLaVA directory")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    from dreamsight_demo import llava as demo_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-openai-"))
+    model = args.model or demo_model.build(workdir / MODEL_NAME)
+    vision_port, vllm_port = free_port(), free_port()
+    gateway = GatewayProcess(workdir, vision_port)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    logs = {n: open(workdir / f"{n}.log", "wb") for n in ("vision", "vllm")}  # noqa: SIM115
+    procs = {
+        "vision": subprocess.Popen(
+            [sys.executable, "-m", "vision_service", "--model", str(model),
+             "--served-model-name", MODEL_NAME, "--port", str(vision_port),
+             "--metrics-port", "off", "--kv-cache-gib", "1", *ENGINE],
+            stdout=logs["vision"], stderr=subprocess.STDOUT, env={**env, **gateway.backend_env},
+        ),
+        "vllm": subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+             "--model", str(model), "--port", str(vllm_port),
+             "--served-model-name", MODEL_NAME, "--disable-log-stats", *ENGINE],
+            stdout=logs["vllm"], stderr=subprocess.STDOUT, env=env,
+        ),
+    }  # fmt: skip
+    gateway.start()
+    sides = {
+        "ours": f"http://127.0.0.1:{gateway.http_port}",
+        "vllm": f"http://127.0.0.1:{vllm_port}",
+    }
+    try:
+        wait_grpc_serving(vision_port, procs["vision"])
+        key = gateway.serving()
+        _wait_http(f"{sides['vllm']}/v1/models", procs["vllm"])
+        for name, url in sides.items():  # warm-up
+            _vllm_bench(url, model, 4, 8, workdir / f"warm-{name}.json", key)
+        results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for round_ in range(args.rounds):
+            for concurrency in levels:
+                for name, url in sides.items():
+                    out = workdir / f"{name}-c{concurrency}-r{round_}.json"
+                    result = _vllm_bench(url, model, concurrency, args.prompts, out, key)
+                    results.setdefault((name, concurrency), []).append(result)
+        print(f"{'side':6} {'conc':>4} {'tok/s':>9} {'ttft_p50_ms':>12} {'tokens':>7}")
+        summary: dict[tuple[str, int], tuple[float, float]] = {}
+        for (name, concurrency), runs in sorted(results.items()):
+            tps = statistics.median(r["output_throughput"] for r in runs)
+            ttft = statistics.median(r["median_ttft_ms"] for r in runs)
+            tokens = {r["total_output_tokens"] for r in runs}
+            summary[(name, concurrency)] = (tps, ttft)
+            print(f"{name:6} {concurrency:>4} {tps:>9.1f} {ttft:>12.2f} {sorted(tokens)!s:>7}")
+        for concurrency in levels:
+            ours = {r["total_output_tokens"] for r in results[("ours", concurrency)]}
+            theirs = {r["total_output_tokens"] for r in results[("vllm", concurrency)]}
+            if ours != theirs:
+                raise SystemExit(
+                    f"token totals differ at concurrency {concurrency}: ours {sorted(ours)}, "
+                    f"vLLM's server {sorted(theirs)}: the two sides did not do the same work"
+                )
+        ratio = {c: summary[("ours", c)][0] / summary[("vllm", c)][0] for c in levels}
+        added = summary[("ours", levels[0])][1] - summary[("vllm", levels[0])][1]
+        print(f"(logs and results in {workdir})")
+        print(
+            "bench openai: "
+            + " ".join(f"tok_s_ratio_c{c}={ratio[c]:.3f}" for c in levels)
+            + f" ttft_p50_added_ms_c{levels[0]}={added:.2f}"
+        )
+    finally:
+        gateway.stop()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs.values():
+            log.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -200,7 +200,7 @@ async def test_a_stopping_gateway_bills_the_calls_it_cuts(
     for call in calls:
         with pytest.raises(grpc.aio.AioRpcError):
             await call
-    await channel.close()
+    await channel.close(None)
     store = SqlStore(str(tmp_path / "gateway.sqlite3"))
     try:
         assert [e.gpu_seconds for e in store.usage_entries("cut", 0)] == pytest.approx([0.25] * 3)

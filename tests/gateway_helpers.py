@@ -101,6 +101,15 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
         return vision_pb2.GetModelResponse(model=vision_pb2.VisionModel(name="fake"))
 
 
+def serve_fake_vision(server: grpc.aio.Server, impl: FakeVision) -> None:
+    """Add the fake's VisionService, and the settled twin of its Chat (the real
+    wrapper, which is what the gateway calls), to a server."""
+    vision_pb2_grpc.add_VisionServiceServicer_to_server(impl, server)
+    chat = (impl.Chat, vision_pb2.ChatRequest, vision_pb2.ChatResponse)
+    settled = settled_handlers("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0)
+    server.add_generic_rpc_handlers((settled,))
+
+
 class FakeBackend:
     """A real grpc.aio server on loopback serving :class:`FakeVision`."""
 
@@ -112,10 +121,7 @@ class FakeBackend:
 
     async def start(self) -> int:
         server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-        vision_pb2_grpc.add_VisionServiceServicer_to_server(self.impl, server)
-        chat = (self.impl.Chat, vision_pb2.ChatRequest, vision_pb2.ChatResponse)
-        settled = settled_handlers("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0)
-        server.add_generic_rpc_handlers((settled,))
+        serve_fake_vision(server, self.impl)
         servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -17,7 +17,7 @@ from dreamsight_server.lifecycle import ServerOptions, TlsFiles
 from gateway.config import GatewaySettings
 from gateway.server import start_gateway
 from tests.certs import Authority
-from tests.gateway_helpers import FakeVision, chat_request, new_key
+from tests.gateway_helpers import FakeVision, chat_request, new_key, serve_fake_vision
 
 
 async def test_tls_front_and_mtls_to_backends(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ async def test_tls_front_and_mtls_to_backends(tmp_path: Path) -> None:
     # A backend that demands a client certificate signed by the CA.
     backend = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     fake = FakeVision()
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(fake, backend)
+    serve_fake_vision(backend, fake)
     tls = TlsFiles(str(backend_pem.cert), str(backend_pem.key), str(ca.pem.cert))
     backend_port = backend.add_secure_port("127.0.0.1:0", tls.server_credentials())
     await backend.start()

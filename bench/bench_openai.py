@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stack import GatewayProcess, free_port, wait_grpc_serving
+from stack import GatewayProcess, free_port, histogram, wait_grpc_serving
 
 ENGINE = ["--max-model-len", "2048", "--max-num-seqs", "16", "--enforce-eager"]
 ENGINE += ["--dtype", "float32"]
@@ -89,6 +89,24 @@ def _vllm_bench(
     return result
 
 
+def _stage_totals(gateway: GatewayProcess, vision_metrics: int) -> list[tuple[float, float]]:
+    """(sum, count) of the gateway's time to first chunk and the vision service's TTFT."""
+    return [
+        gateway.metric_mean("dreamsight_gateway_time_to_first_chunk_seconds"),
+        histogram(vision_metrics, "dreamsight_vision_time_to_first_token_seconds"),
+    ]
+
+
+def _means(
+    before: list[tuple[float, float]], after: list[tuple[float, float]]
+) -> tuple[float, float]:
+    """Mean milliseconds of each histogram over the interval."""
+    gw, vision = (
+        1e3 * (a[0] - b[0]) / max(1.0, a[1] - b[1]) for a, b in zip(after, before, strict=True)
+    )
+    return gw, vision
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -102,7 +120,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-openai-"))
     model = args.model or demo_model.build(workdir / MODEL_NAME)
-    vision_port, vllm_port = free_port(), free_port()
+    vision_port, vllm_port, vision_metrics = free_port(), free_port(), free_port()
     gateway = GatewayProcess(workdir, vision_port)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     logs = {n: open(workdir / f"{n}.log", "wb") for n in ("vision", "vllm")}  # noqa: SIM115
@@ -110,7 +128,7 @@ def main() -> None:
         "vision": subprocess.Popen(
             [sys.executable, "-m", "vision_service", "--model", str(model),
              "--served-model-name", MODEL_NAME, "--port", str(vision_port),
-             "--metrics-port", "off", "--kv-cache-gib", "1", *ENGINE],
+             "--metrics-port", str(vision_metrics), "--kv-cache-gib", "1", *ENGINE],
             stdout=logs["vision"], stderr=subprocess.STDOUT, env={**env, **gateway.backend_env},
         ),
         "vllm": subprocess.Popen(
@@ -132,12 +150,17 @@ def main() -> None:
         for name, url in sides.items():  # warm-up
             _vllm_bench(url, model, 4, 8, workdir / f"warm-{name}.json", key)
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        stages: dict[int, list[tuple[float, float]]] = {}
         for round_ in range(args.rounds):
             for concurrency in levels:
                 for name, url in sides.items():
                     out = workdir / f"{name}-c{concurrency}-r{round_}.json"
+                    before = _stage_totals(gateway, vision_metrics) if name == "ours" else None
                     result = _vllm_bench(url, model, concurrency, args.prompts, out, key)
                     results.setdefault((name, concurrency), []).append(result)
+                    if before is not None:
+                        after = _stage_totals(gateway, vision_metrics)
+                        stages.setdefault(concurrency, []).append(_means(before, after))
         print(f"{'side':6} {'conc':>4} {'tok/s':>9} {'ttft_p50_ms':>12} {'tokens':>7}")
         summary: dict[tuple[str, int], tuple[float, float]] = {}
         for (name, concurrency), runs in sorted(results.items()):
@@ -154,6 +177,14 @@ def main() -> None:
                     f"token totals differ at concurrency {concurrency}: ours {sorted(ours)}, "
                     f"vLLM's server {sorted(theirs)}: the two sides did not do the same work"
                 )
+        print(
+            "\nwhere our TTFT goes (means, ms): client sees | gateway's first chunk | "
+            "vision service's first token"
+        )
+        for concurrency in levels:
+            client = statistics.mean(r["mean_ttft_ms"] for r in results[("ours", concurrency)])
+            gw, vision = (statistics.mean(s[i] for s in stages[concurrency]) for i in (0, 1))
+            print(f"  c={concurrency:<3} {client:8.2f} | {gw:8.2f} | {vision:8.2f}")
         ratio = {c: summary[("ours", c)][0] / summary[("vllm", c)][0] for c in levels}
         added = summary[("ours", levels[0])][1] - summary[("vllm", levels[0])][1]
         print(f"(logs and results in {workdir})")

@@ -56,6 +56,7 @@ class GatewayProcess:
     admin_token: str = field(default_factory=lambda: secrets.token_hex(16))
     port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -75,7 +76,7 @@ class GatewayProcess:
         self._log = open(self.workdir / "gateway.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--port", str(self.port),
-             "--http-port", str(self.http_port), "--metrics-port", "off",
+             "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port),
              f"--vision-target=127.0.0.1:{self.vision_port}",
              f"--database={self.workdir / 'gateway.sqlite3'}",
              f"--tiers-file={self.workdir / 'tiers.yaml'}"],
@@ -97,6 +98,10 @@ class GatewayProcess:
             )
         return str(reply.secret)
 
+    def metric_mean(self, name: str) -> tuple[float, float]:
+        """(sum, count) of a histogram on this gateway's /metrics."""
+        return histogram(self.metrics_port, name)
+
     def stop(self) -> None:
         """SIGTERM, then wait."""
         if self.proc is not None:
@@ -107,3 +112,21 @@ class GatewayProcess:
                 self.proc.kill()
         if self._log is not None:
             self._log.close()
+
+
+def histogram(port: int, name: str) -> tuple[float, float]:
+    """(sum, count) of a histogram, all label sets added, from a /metrics port."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{name}_sum":
+                total += sample.value
+            elif sample.name == f"{name}_count":
+                count += sample.value
+    return total, count

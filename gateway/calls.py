@@ -99,11 +99,15 @@ class MeteredCall(Generic[M]):
         the whole call (and its trailer), so a caller's cancel only stops the wait."""
         if self._reading is None:
             self._reading = asyncio.ensure_future(self._call.read())
-        done, _ = await asyncio.wait({self._reading}, timeout=timeout)
-        if not done:
-            raise TimeoutError
-        reading, self._reading = self._reading, None
-        return reading.result()
+        if timeout is None:
+            message = await asyncio.shield(self._reading)
+        else:
+            done, _ = await asyncio.wait({self._reading}, timeout=timeout)
+            if not done:
+                raise TimeoutError
+            message = self._reading.result()
+        self._reading = None
+        return message
 
     async def read(self) -> M | None:
         """The next message, or None at the end; raises the backend's AioRpcError,

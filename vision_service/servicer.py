@@ -20,6 +20,7 @@ from vision_service.engine import ChatEngine
 from vision_service.metrics import VisionMetrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_OFF_LOOP_BYTES = 64 * 1024
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -46,13 +47,14 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             self._check_caller(context)
             if not self._engine.ready:
                 raise Unavailable("the vision model is loading; retry shortly")
-            chat = await asyncio.to_thread(
-                convert.chat_input,
-                request,
-                self._engine.info,
-                self._settings.images,
-                self._settings.max_stop_strings,
-            )
+            args = (request, self._engine.info, self._settings.images)
+            if any(m.images for m in request.messages) or request.ByteSize() > _OFF_LOOP_BYTES:
+                # Decoding images (or converting a large request) takes a while: off the loop.
+                chat = await asyncio.to_thread(
+                    convert.chat_input, *args, self._settings.max_stop_strings
+                )
+            else:  # a short text chat converts in microseconds: a thread hop would cost more
+                chat = convert.chat_input(*args, self._settings.max_stop_strings)
             async with contextlib.aclosing(self._engine.chat(chat)) as events:
                 async for event in events:
                     if isinstance(event, ChatDone):

@@ -9,7 +9,7 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -26,7 +26,7 @@ MAX_JSON_DEPTH = 32
 """Deepest nesting a request body may have (a chat request needs 5)."""
 
 
-_OFF_LOOP_BYTES = 64 * 1024
+OFF_LOOP_BYTES = 64 * 1024
 """Bodies larger than this are decoded in a worker thread, off the event loop."""
 
 
@@ -40,12 +40,12 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     raw = bytearray()
-    async for piece in request.content.iter_chunked(_OFF_LOOP_BYTES):
+    async for piece in request.content.iter_chunked(OFF_LOOP_BYTES):
         raw += piece
         if len(raw) > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
     charset = request.charset or "utf-8"
-    if len(raw) > _OFF_LOOP_BYTES:
+    if len(raw) > OFF_LOOP_BYTES:
         return await asyncio.to_thread(decode_json, raw, charset)
     return decode_json(raw, charset)
 
@@ -167,3 +167,11 @@ MAX_UINT32 = 2**32 - 1
 
 
 MAX_INT32 = 2**31 - 1
+
+
+async def off_loop_if_large(request: web.Request, convert: Callable[..., T], *args: Any) -> T:
+    """convert(*args): in a worker thread when the body was large (base64 images
+    decode and protobufs build for a while), else here."""
+    if (request.content_length or 0) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(convert, *args)
+    return convert(*args)

@@ -31,6 +31,7 @@ from gateway.http_api.body import (
     get,
     get_int,
     json_schema_format,
+    off_loop_if_large,
     read_json,
     refuse,
     stop_strings,
@@ -130,6 +131,35 @@ def _options(body: dict[str, Any]) -> vision_pb2.ChatOptions:
     return chat
 
 
+def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
+    """POST /api/chat's body as a ChatRequest."""
+    refuse(body, ("tools", "think"))
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidArgument("messages", "must be a list of messages")
+    return vision_pb2.ChatRequest(
+        model=_model_name(body),
+        messages=[_message(i, m) for i, m in enumerate(messages)],
+        options=_options(body),
+    )
+
+
+def _generate_request(body: dict[str, Any]) -> vision_pb2.ChatRequest | None:
+    """POST /api/generate's body as a ChatRequest; None for the "load the model"
+    call (no prompt, no images)."""
+    refuse(body, ("suffix", "template", "context", "raw", "think"))
+    model = _model_name(body)
+    prompt = get(body, "prompt", str, "prompt") or ""
+    images = _images(body.get("images"), "images")
+    if not prompt and not images:
+        return None
+    messages = []
+    if system := get(body, "system", str, "system"):
+        messages.append(vision_pb2.Message(role=vision_pb2.ROLE_SYSTEM, content=system))
+    messages.append(vision_pb2.Message(role=vision_pb2.ROLE_USER, content=prompt, images=images))
+    return vision_pb2.ChatRequest(model=model, messages=messages, options=_options(body))
+
+
 def _done(final: vision_pb2.ChatFinal) -> dict[str, Any]:
     total = final.usage.total_time.ToNanoseconds()
     first = final.time_to_first_token.ToNanoseconds()
@@ -190,42 +220,24 @@ class OllamaApi:
         """POST /api/chat."""
         await self._up.authenticate(request)
         body = await read_json(request, self._up.body_limits.chat)
-        refuse(body, ("tools", "think"))
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            raise InvalidArgument("messages", "must be a list of messages")
-        chat = vision_pb2.ChatRequest(
-            model=_model_name(body),
-            messages=[_message(i, m) for i, m in enumerate(messages)],
-            options=_options(body),
-        )
+        chat = await off_loop_if_large(request, _chat_request, body)
         return await self._reply(request, body, chat, "chat")
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """POST /api/generate: one prompt (and images), with an optional system prompt."""
         await self._up.authenticate(request)
         body = await read_json(request, self._up.body_limits.chat)
-        refuse(body, ("suffix", "template", "context", "raw", "think"))
-        model = _model_name(body)
-        prompt = get(body, "prompt", str, "prompt") or ""
-        images = _images(body.get("images"), "images")
-        if not prompt and not images:  # Ollama's "load the model" call: ours are loaded
+        chat = await off_loop_if_large(request, _generate_request, body)
+        if chat is None:  # Ollama's "load the model" call: ours are loaded
             return web.json_response(
                 {
-                    "model": model,
+                    "model": _model_name(body),
                     "created_at": _now(),
                     "response": "",
                     "done": True,
                     "done_reason": "load",
                 }
             )
-        messages = []
-        if system := get(body, "system", str, "system"):
-            messages.append(vision_pb2.Message(role=vision_pb2.ROLE_SYSTEM, content=system))
-        messages.append(
-            vision_pb2.Message(role=vision_pb2.ROLE_USER, content=prompt, images=images)
-        )
-        chat = vision_pb2.ChatRequest(model=model, messages=messages, options=_options(body))
         return await self._reply(request, body, chat, "generate")
 
     async def _reply(

@@ -35,6 +35,7 @@ from gateway.http_api.body import (
     get,
     get_int,
     json_schema_format,
+    off_loop_if_large,
     read_json,
     refuse,
     stop_strings,
@@ -212,7 +213,7 @@ class OpenAIApi:
         """POST /v1/chat/completions."""
         await self._up.authenticate(request)
         body = await read_json(request, self._up.body_limits.chat)
-        chat = _chat_request(body)
+        chat = await off_loop_if_large(request, _chat_request, body)
         stream = get(body, "stream", bool, "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
@@ -290,7 +291,7 @@ class OpenAIApi:
         """POST /v1/images/generations: Stable Diffusion, answered as base64 PNGs."""
         await self._up.authenticate(request)
         body = await read_json(request, self._up.body_limits.other)
-        generate = _generate_request(body)
+        generate = await off_loop_if_large(request, _generate_request, body)
         async with self._up.generate(request, PROTOCOL, generate) as call:
             messages = await call.rest(await call.read())
             result = messages[-1].result

@@ -32,6 +32,7 @@ from dreamsight_server.errors import (
 from dreamsight_server.metadata import REQUEST_ID_HEADER
 from gateway.calls import MeteredCall
 from gateway.core import Admission, GatewayCore
+from gateway.http_api.body import OFF_LOOP_BYTES
 
 M = TypeVar("M")
 
@@ -120,14 +121,18 @@ class Upstream:
         X-Request-Timeout passed."""
         expires = deadline(request)
         admission = await self._admit(request, protocol, service, method, True, expires)
+        payload: Any = message
+        serializer: Callable[[Any], bytes] | None = type(message).SerializeToString
+        if message.ByteSize() > OFF_LOOP_BYTES:  # images: serialize in a worker thread
+            payload, serializer = await asyncio.to_thread(message.SerializeToString), None
         call: MeteredCall[Any] = MeteredCall(
             self.core,
             admission,
             channel,
-            message,
+            payload,
             _remaining(expires),
             expires_at=expires,
-            serializer=type(message).SerializeToString,
+            serializer=serializer,
             deserializer=response_type.FromString,
         )
         try:

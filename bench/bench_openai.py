@@ -89,6 +89,25 @@ def _vllm_bench(
     return result
 
 
+def _cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
+    """CPU time (user + system) of a process and all its children (vLLM's engine
+    core and workers are children of the server that started them)."""
+    import psutil  # type: ignore[import-untyped]
+
+    total = 0.0
+    try:
+        root = psutil.Process(proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                times = p.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
 def _stage_totals(gateway: GatewayProcess, vision_metrics: int) -> list[tuple[float, float]]:
     """(sum, count) of the gateway's time to first chunk and the vision service's TTFT."""
     return [
@@ -151,13 +170,24 @@ def main() -> None:
             _vllm_bench(url, model, 4, 8, workdir / f"warm-{name}.json", key)
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
         stages: dict[int, list[tuple[float, float]]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}  # process -> CPU-ms per output token
+        assert gateway.proc is not None
+        trees = {
+            "ours": {"gateway": gateway.proc, "vision (with vLLM)": procs["vision"]},
+            "vllm": {"vllm server (with vLLM)": procs["vllm"]},
+        }
         for round_ in range(args.rounds):
             for concurrency in levels:
                 for name, url in sides.items():
                     out = workdir / f"{name}-c{concurrency}-r{round_}.json"
                     before = _stage_totals(gateway, vision_metrics) if name == "ours" else None
+                    cpu_before = {n: _cpu_seconds(p) for n, p in trees[name].items()}
                     result = _vllm_bench(url, model, concurrency, args.prompts, out, key)
                     results.setdefault((name, concurrency), []).append(result)
+                    tokens = max(1, result["total_output_tokens"])
+                    for n, p in trees[name].items():
+                        spent = _cpu_seconds(p) - cpu_before[n]
+                        cpu.setdefault((n, concurrency), []).append(1e3 * spent / tokens)
                     if before is not None:
                         after = _stage_totals(gateway, vision_metrics)
                         stages.setdefault(concurrency, []).append(_means(before, after))
@@ -185,6 +215,10 @@ def main() -> None:
             client = statistics.mean(r["mean_ttft_ms"] for r in results[("ours", concurrency)])
             gw, vision = (statistics.mean(s[i] for s in stages[concurrency]) for i in (0, 1))
             print(f"  c={concurrency:<3} {client:8.2f} | {gw:8.2f} | {vision:8.2f}")
+        print("\nCPU per output token (ms, process and its children), by concurrency:")
+        for process in [n for side in trees.values() for n in side]:
+            row = "  ".join(f"c={c}: {statistics.median(cpu[(process, c)]):6.2f}" for c in levels)
+            print(f"  {process:24} {row}")
         ratio = {c: summary[("ours", c)][0] / summary[("vllm", c)][0] for c in levels}
         added = summary[("ours", levels[0])][1] - summary[("vllm", levels[0])][1]
         print(f"(logs and results in {workdir})")

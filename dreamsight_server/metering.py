@@ -92,10 +92,6 @@ def allowance() -> float | None:
     return usage.allowance if usage is not None else None
 
 
-class AllowanceSpent(Exception):
-    """An engine's signal that its call used up its GPU-second allowance."""
-
-
 def _allowance(context: Context) -> float | None:
     for key, value in context.invocation_metadata() or ():
         if key == GPU_ALLOWANCE_HEADER and isinstance(value, str):

@@ -184,6 +184,16 @@ async def new_key(gateway: Gateway, tenant: str, tier: str) -> str:
     return secret
 
 
+async def no_slots_held(gateway: Gateway, tenant: str) -> None:
+    """Until the tenant holds no slot (an HTTP reply, or a caller's cancel, returns
+    before the call's bill lands and its slot follows); fails after 5 s."""
+    for _ in range(100):
+        if await gateway.core.limiter.in_flight(tenant) == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{tenant} still holds {await gateway.core.limiter.in_flight(tenant)}")
+
+
 def bearer(secret: str) -> tuple[tuple[str, str], ...]:
     """Authorization metadata for a key."""
     return (("authorization", f"Bearer {secret}"),)

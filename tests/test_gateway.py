@@ -23,6 +23,7 @@ from tests.gateway_helpers import (
     collect,
     gateway_for,
     new_key,
+    no_slots_held,
 )
 from tests.metrics_scrape import metrics_text
 
@@ -53,14 +54,6 @@ def _details(error: grpc.aio.AioRpcError) -> list[Any]:
     return list(status.details) if status else []
 
 
-async def _no_slots_held(gateway: Gateway, tenant: str) -> None:
-    for _ in range(50):
-        if await gateway.core.limiter.in_flight(tenant) == 0:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{tenant} still holds {await gateway.core.limiter.in_flight(tenant)}")
-
-
 @pytest.mark.parametrize(("tier", "limit"), [("free", 1), ("pro", 3)])
 async def test_tier_holds_exactly_under_a_storm(
     gateway: Gateway, backend: FakeBackend, channel: grpc.aio.Channel, tier: str, limit: int
@@ -71,7 +64,7 @@ async def test_tier_holds_exactly_under_a_storm(
     )
     assert all(r[-1].WhichOneof("event") == "final" for r in results)
     assert backend.impl.peak[f"storm-{tier}"] == limit
-    await _no_slots_held(gateway, f"storm-{tier}")
+    await no_slots_held(gateway, f"storm-{tier}")
 
 
 async def test_queue_full_is_resource_exhausted_with_retry_and_quota(
@@ -92,7 +85,7 @@ async def test_queue_full_is_resource_exhausted_with_retry_and_quota(
         assert any(d.Unpack(retry) for d in details) and retry.retry_delay.seconds >= 1
         assert any(d.Unpack(quota) for d in details)
         assert quota.violations[0].subject == "tenant:busy"
-        await _no_slots_held(gw, "busy")
+        await no_slots_held(gw, "busy")
     finally:
         await gw.stop(0)
 
@@ -109,7 +102,7 @@ async def test_queue_wait_runs_out(tmp_path: Path, backend: FakeBackend) -> None
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "waited too long" in (caught.value.details() or "")
             await first
-        await _no_slots_held(gw, "slow")
+        await no_slots_held(gw, "slow")
     finally:
         await gw.stop(0)
 
@@ -144,7 +137,7 @@ async def test_no_slot_leaks_after_cancels_deadlines_and_a_killed_backend(
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, batch
         await backend.start()
         await _until_served(channel, bearer(key))
-    await _no_slots_held(gateway, "leaky")
+    await no_slots_held(gateway, "leaky")
     assert gateway.core.metrics.in_flight.labels("max")._value.get() == 0
     assert backend.impl.running["leaky"] == 0, "the backend computes for nobody"
 
@@ -213,7 +206,7 @@ async def test_backend_status_and_details_pass_through(
     bad = error_details_pb2.BadRequest()
     assert any(d.Unpack(bad) for d in _details(caught.value))
     assert bad.field_violations[0].field == "messages[0].content"
-    await _no_slots_held(gateway, "bad")
+    await no_slots_held(gateway, "bad")
 
 
 async def test_unary_calls_pass_through(gateway: Gateway, channel: grpc.aio.Channel) -> None:

@@ -14,7 +14,7 @@ from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from gateway.server import Gateway
 from tests.conftest import VisionHandle
-from tests.gateway_helpers import bearer, gateway_for, new_key
+from tests.gateway_helpers import bearer, gateway_for, new_key, no_slots_held
 from tests.test_vision_service import png, user
 
 pytestmark = pytest.mark.slow
@@ -69,11 +69,7 @@ async def test_cancel_through_the_gateway_aborts_the_engine(
             break
         await asyncio.sleep(0.05)
     assert vision.service.engine.num_unfinished() == 0
-    for _ in range(100):  # the slot comes back once the backend reported and the bill landed
-        if await gateway.core.limiter.in_flight("quitter") == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert await gateway.core.limiter.in_flight("quitter") == 0
+    await no_slots_held(gateway, "quitter")  # the slot follows the bill
 
 
 async def _ledger_row(gateway: Gateway, tenant: str) -> float:

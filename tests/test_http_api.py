@@ -32,7 +32,14 @@ from PIL import Image
 from diffusion_service.server import DiffusionService
 from gateway.server import Gateway
 from tests.conftest import VisionHandle
-from tests.gateway_helpers import FakeBackend, FakeVision, bearer, gateway_for, new_key
+from tests.gateway_helpers import (
+    FakeBackend,
+    FakeVision,
+    bearer,
+    gateway_for,
+    new_key,
+    no_slots_held,
+)
 from tests.test_vision_service import png, user
 
 slow = pytest.mark.slow
@@ -81,14 +88,6 @@ def requests(gateway: Gateway, **labels: str) -> float:
         "dreamsight_gateway_requests_total", labels
     )
     return value or 0.0
-
-
-async def no_slots_held(gateway: Gateway, tenant: str) -> None:
-    for _ in range(100):
-        if await gateway.core.limiter.in_flight(tenant) == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{tenant} still holds a slot")
 
 
 # --- the real services -------------------------------------------------------

@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffusion_service.jobs.worker_events import StepFinished, WorkerEvent
+
 VARIANTS = ("cached", "encode")
 
 
@@ -65,8 +67,8 @@ class StepClock:
     def __init__(self) -> None:
         self.ends: list[float] = []
 
-    def emit(self, kind: str, **fields: Any) -> None:
-        if kind == "step":
+    def emit(self, event: WorkerEvent) -> None:
+        if isinstance(event, StepFinished):
             self.ends.append(time.perf_counter())
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
+from diffusion_service.jobs.store import parse_location
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
 from dreamsight_server.settings import (
@@ -92,7 +93,12 @@ class TrainingLimits:
 class TrainingSettings:
     """DreamBooth jobs: where they live, how many run, on what."""
 
-    store: Path = setting(TRAINING_DIR / "jobs.sqlite3", "the SQLite job store (made on first use)")
+    store: Path | str = setting(
+        TRAINING_DIR / "jobs.sqlite3",
+        "the job store: a SQLite file (made on first use; one replica) or a postgresql:// URL "
+        "(shared by every replica)",
+        parse=parse_location,
+    )
     artifacts_dir: Path = setting(
         TRAINING_DIR,
         "job work directories, the class-image cache and the fine-tuned models",
@@ -105,9 +111,18 @@ class TrainingSettings:
     )
     concurrency: int = setting(
         1,
-        "jobs training at once, each in its own worker process; 0 queues jobs but runs none "
-        "(a replica that only generates)",
+        "jobs this replica trains at once, each in its own worker process; 0 trains none (a "
+        "replica that only generates, and still creates, watches and cancels jobs)",
         minimum=0,
+    )
+    lease_s: float = setting(
+        30.0,
+        "how long a replica's claim on a running job lasts unless renewed (every third of it); "
+        "a job whose replica died resumes elsewhere after this",
+        minimum=1,
+    )
+    replica_id: str = setting(
+        "", "this replica's name in job leases; empty: host name, process id and a random tag"
     )
     max_crashes: int = setting(
         2, "worker deaths (not shutdowns) a job survives by resuming; one more fails it", minimum=0

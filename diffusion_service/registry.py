@@ -10,7 +10,10 @@ learn that it exists. :meth:`ModelRegistry.register_fine_tuned`
 is the hook the DreamBooth trainer calls when a job succeeds. With a
 :class:`ModelPersistence` (the training job store), fine-tuned registrations
 are saved as they are made, deleted with their files, and read back by
-:meth:`ModelRegistry.restore` at start-up, so a restart forgets none.
+:meth:`ModelRegistry.refresh` at start-up, so a restart forgets none. Where
+replicas share the store, a model registered by another replica is found by
+:meth:`ModelRegistry.refresh` (called when the store says a job succeeded) or
+at the first request that names it, so no replica needs a restart to serve it.
 
 Registering reads the model's configs and tokenizer (small files, no
 weights): the default image size comes from the UNet's sample size times
@@ -63,6 +66,10 @@ class ModelPersistence(Protocol):
 
     def forget(self, registration: SavedRegistration) -> None:
         """Delete one registration, and its files where the store owns them."""
+        ...
+
+    def find(self, name: str, tenant: str) -> SavedRegistration | None:
+        """The tenant's persisted registration of that name (another replica's too)."""
         ...
 
 
@@ -211,7 +218,7 @@ class ModelRegistry:
         return info
 
     def restore(self) -> int:
-        """Register every persisted fine-tuned model; returns how many.
+        """Register every persisted fine-tuned model not yet registered; returns how many.
 
         A registration that no longer loads (its directory is gone, its base
         model is no longer configured) is logged and skipped, and stays
@@ -221,20 +228,31 @@ class ModelRegistry:
             return 0
         restored = 0
         for saved in self._persistence.saved():
-            try:
-                self.register_fine_tuned(
-                    saved.name,
-                    saved.path,
-                    saved.owner_tenant,
-                    saved.base_model,
-                    saved.job_id,
-                    persist=False,
-                )
-            except (NotFound, FailedPrecondition) as error:
-                log.warning("fine-tuned model %s not restored: %s", saved.name, error.message)
+            with self._lock:
+                known = self._fine_tuned.get((saved.owner_tenant, saved.name))
+            if known is not None and known.info.job_id == saved.job_id:
                 continue
-            restored += 1
+            if self._adopt(saved):
+                restored += 1
         return restored
+
+    refresh = restore
+
+    def _adopt(self, saved: SavedRegistration) -> bool:
+        """Register a persisted model (persist=False); False when it does not load."""
+        try:
+            self.register_fine_tuned(
+                saved.name,
+                saved.path,
+                saved.owner_tenant,
+                saved.base_model,
+                saved.job_id,
+                persist=False,
+            )
+        except (NotFound, FailedPrecondition) as error:
+            log.warning("fine-tuned model %s not restored: %s", saved.name, error.message)
+            return False
+        return True
 
     def get(self, name: str, tenant: str) -> ModelEntry | None:
         """What ``name`` means to ``tenant``: a base model or one of its own
@@ -249,6 +267,12 @@ class ModelRegistry:
         """
         with self._lock:
             entry = self._lookup(name or self._default, tenant)
+        if entry is None and name and self._persistence is not None:
+            # Perhaps trained on another replica a moment ago.
+            saved = self._persistence.find(name, tenant)
+            if saved is not None and self._adopt(saved):
+                with self._lock:
+                    entry = self._lookup(name, tenant)
         if entry is None:
             raise NotFound(f"model {name!r} not found")
         return entry

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from dreamsight.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from diffusion_service.artifacts import FineTunedModels, JobFiles
 from diffusion_service.config import DiffusionSettings, TrainingSettings
 from diffusion_service.dreambooth.params import Defaults, load_defaults
 from diffusion_service.engine import DiffusersEngine
-from diffusion_service.job_store import JobStore
+from diffusion_service.jobs.artifacts import FineTunedModels, JobFiles
+from diffusion_service.jobs.manager import TrainingManager
+from diffusion_service.jobs.store import open_store
 from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.registry import ModelRegistry
 from diffusion_service.servicer import DiffusionServicer
-from diffusion_service.training import TrainingManager
 from dreamsight_server.errors import ErrorTable
 from dreamsight_server.lifecycle import GrpcServer
 from dreamsight_server.metering import settled_handlers
@@ -66,7 +66,7 @@ async def start_service(
     registry = registry or CollectorRegistry()
     metrics = DiffusionMetrics(registry)
     errors = ErrorTable()
-    store = JobStore(t.store)
+    store = open_store(t.store)
     files = JobFiles(t.artifacts_dir)
     models = ModelRegistry(persistence=FineTunedModels(store, files))
     engine = DiffusersEngine(settings, metrics, models)

@@ -20,8 +20,8 @@ from diffusion_service import convert
 from diffusion_service.config import DiffusionSettings
 from diffusion_service.domain import GenerateDone
 from diffusion_service.engine import ImageEngine
+from diffusion_service.jobs.engine import TrainingEngine
 from diffusion_service.metrics import DiffusionMetrics
-from diffusion_service.training import TrainingEngine
 from dreamsight_server.errors import ErrorTable, InvalidArgument
 from dreamsight_server.metadata import MAX_TRAINING_JOBS_HEADER, gpu_seconds_trailer
 from dreamsight_server.tenancy import tenant_from_metadata

@@ -30,7 +30,6 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from diffusion_service.artifacts import FineTunedModels, JobFiles
 from diffusion_service.config import (
     BaseModel,
     DiffusionSettings,
@@ -46,10 +45,12 @@ from diffusion_service.dreambooth.params import (
     TrainerOptions,
     load_defaults,
 )
-from diffusion_service.job_store import JobStore
+from diffusion_service.jobs.artifacts import FineTunedModels, JobFiles
+from diffusion_service.jobs.manager import TrainingManager
+from diffusion_service.jobs.sqlite_store import SCHEMA_VERSION, SqliteJobStore
+from diffusion_service.jobs.worker_events import WorkerEvent
 from diffusion_service.registry import ModelRegistry
 from diffusion_service.server import DiffusionService, start_service
-from diffusion_service.training import TrainingManager
 from dreamsight_server.errors import NotFound
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
@@ -358,13 +359,13 @@ class Recorder:
     """An Events sink that keeps what it is told."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, dict[str, Any]]] = []
+        self.items: list[WorkerEvent] = []
 
-    def emit(self, kind: str, **fields: Any) -> None:
-        self.items.append((kind, fields))
+    def emit(self, event: WorkerEvent) -> None:
+        self.items.append(event)
 
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [fields for k, fields in self.items if k == kind]
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.items if isinstance(e, kind)]
 
 
 class NoStop:
@@ -378,6 +379,11 @@ def test_trainer_options_run_end_to_end(sd_dir: Path, tmp_path: Path) -> None:
     checkpoints, in one short run in this process."""
     from diffusion_service.dreambooth.params import WorkerRuntime, WorkerSpec
     from diffusion_service.dreambooth.trainer import run_job
+    from diffusion_service.jobs.worker_events import (
+        CheckpointWritten,
+        ClassImagesDrawn,
+        StepFinished,
+    )
 
     instance = tmp_path / "instance"
     instance.mkdir()
@@ -410,9 +416,9 @@ def test_trainer_options_run_end_to_end(sd_dir: Path, tmp_path: Path) -> None:
     )
     events = Recorder()
     assert run_job(WorkerSpec(params, runtime), tmp_path, events, NoStop()) == "exported"
-    assert [e["step"] for e in events.of("step")] == [1, 2]
-    assert [e["step"] for e in events.of("checkpoint")] == [1, 2]
-    assert not events.of("class_images"), "no prior preservation, no class images"
+    assert [e.step for e in events.of(StepFinished)] == [1, 2]
+    assert [e.step for e in events.of(CheckpointWritten)] == [1, 2]
+    assert not events.of(ClassImagesDrawn), "no prior preservation, no class images"
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["last.ckpt", "step-000002.ckpt"]
     assert (tmp_path / "export" / "model_index.json").is_file()
@@ -447,7 +453,13 @@ def test_training_settings_come_from_flags_and_environment(tmp_path: Path) -> No
     ]
     t = parse_settings(flags, env).training
     assert (t.concurrency, t.artifacts_dir, t.devices, t.strategy) == (2, tmp_path, 4, "ddp")
-    assert (t.accelerator, t.torch_threads, t.store.name) == ("gpu", 1, "jobs.sqlite3")
+    assert (t.accelerator, t.torch_threads) == ("gpu", 1)
+    assert isinstance(t.store, Path) and t.store.name == "jobs.sqlite3"
+    url = "postgresql://dreamsight@db:5432/jobs"
+    shared = parse_settings(["--model=m", f"--training-store={url}", "--training-lease-s=9"], {})
+    assert (shared.training.store, shared.training.lease_s) == (url, 9.0)
+    with pytest.raises(SettingsError, match="--training-store: 'mysql://x'"):
+        parse_settings(["--model=m", "--training-store=mysql://x"], {})
     with pytest.raises(SettingsError, match="--training-max-images is at most 20"):
         parse_settings(["--model=m", "--training-max-images=21"], {})
 
@@ -467,7 +479,7 @@ def test_job_ids_and_model_names_cannot_leave_their_directories(tmp_path: Path) 
 def persisted_registry(sd_dir: Path, root: Path) -> Iterator[ModelRegistry]:
     """A registry over the store and artifacts under root, as a fresh service
     would build it: base model added, persisted fine-tuned models restored."""
-    store = JobStore(root / "jobs.sqlite3")
+    store = SqliteJobStore(root / "jobs.sqlite3")
     registry = ModelRegistry(persistence=FineTunedModels(store, JobFiles(root / "artifacts")))
     registry.add_base(BaseModel("sd-demo", str(sd_dir)))
     try:
@@ -524,7 +536,7 @@ def test_a_schema_1_store_keyed_by_name_alone_is_migrated(sd_dir: Path, tmp_path
         assert fine_tuned(registry, "bob") == [("my-dog", "job-b")]
     check = sqlite3.connect(tmp_path / "jobs.sqlite3")
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         tables = check.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
         assert ("fine_tuned_models_v1",) not in tables
     finally:

@@ -402,7 +402,9 @@ def test_storage_volumes_are_claimed(rendered: dict[str, list[Doc]]) -> None:
         settings = parse_diffusion([], _env(docs, _container(diffusion)))
         mounts = {m["mountPath"]: m["name"] for m in _container(diffusion)["volumeMounts"]}
         volumes = {v["name"]: v for v in _pod_spec(diffusion)["volumes"]}
-        for path in (settings.training.artifacts_dir, settings.training.store.parent):
+        store = settings.training.store
+        assert isinstance(store, Path), f"{overlay}: the embedded store is a file"
+        for path in (settings.training.artifacts_dir, store.parent):
             volume = volumes[mounts[str(path)]]
             claim = volume["persistentVolumeClaim"]["claimName"]
             assert claim in claims, f"{overlay}: {path} is not on a PersistentVolume"

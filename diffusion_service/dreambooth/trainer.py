@@ -50,6 +50,15 @@ from diffusion_service.dreambooth.class_images import (
 from diffusion_service.dreambooth.data import DreamBoothDataset, ImageSet, collate, load_image_dir
 from diffusion_service.dreambooth.module import DreamBoothModule
 from diffusion_service.dreambooth.params import JobParams, WorkerRuntime, WorkerSpec
+from diffusion_service.jobs.worker_events import (
+    CheckpointWritten,
+    ClassImagesDrawn,
+    Exported,
+    StepFinished,
+    TrainingBegan,
+    ValidationRendered,
+    WorkerEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +72,7 @@ VALIDATION = "validation"
 class Events(Protocol):
     """Where a job reports progress (rank 0 only)."""
 
-    def emit(self, kind: str, **fields: Any) -> None:
+    def emit(self, event: WorkerEvent) -> None:
         """Report one event."""
         ...
 
@@ -123,7 +132,7 @@ class JobCheckpoint(ModelCheckpoint):  # type: ignore[misc]
         step = trainer.global_step
         if self._events is not None and trainer.is_global_zero and step > self._reported:
             self._reported = step
-            self._events.emit("checkpoint", step=step)
+            self._events.emit(CheckpointWritten(step))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
@@ -165,9 +174,7 @@ class JobProgress(Callback):  # type: ignore[misc]
         self._seen_step = trainer.global_step
         self._last_end = time.monotonic()
         if self._events is not None and trainer.is_global_zero:
-            self._events.emit(
-                "resumed" if trainer.global_step else "training", step=self._seen_step
-            )
+            self._events.emit(TrainingBegan(self._seen_step))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
@@ -189,12 +196,13 @@ class JobProgress(Callback):  # type: ignore[misc]
         if self._events is not None and trainer.is_global_zero:
             lr = trainer.callback_metrics.get("train/lr")
             self._events.emit(
-                "step",
-                step=step,
-                total=total,
-                loss=mean_loss if math.isfinite(mean_loss) else None,
-                lr=float(lr) if lr is not None else None,
-                eta_s=self._step_s * (total - step),
+                StepFinished(
+                    step=step,
+                    total=total,
+                    loss=mean_loss if math.isfinite(mean_loss) else None,
+                    lr=float(lr) if lr is not None else None,
+                    eta_s=self._step_s * (total - step),
+                )
             )
         due = step % self._params.checkpoint_interval == 0 or step >= total
         if self._render is not None and due and trainer.is_global_zero:
@@ -216,9 +224,7 @@ class JobProgress(Callback):  # type: ignore[misc]
                     f"validation/{index}", np.asarray(image), step, dataformats="HWC"
                 )
             if self._events is not None:
-                self._events.emit(
-                    "validation", step=step, path=str(path.relative_to(self._job_dir))
-                )
+                self._events.emit(ValidationRendered(step, str(path.relative_to(self._job_dir))))
 
 
 def resolve_device(accelerator: str) -> str:
@@ -368,7 +374,7 @@ def run_job(spec: WorkerSpec, job_dir: Path, events: Events | None, control: Con
     if trainer.is_global_zero:
         export(parts, module, Path(runtime.export_dir))
         if events is not None:
-            events.emit("exported", step=trainer.global_step)
+            events.emit(Exported(trainer.global_step))
     return "exported"
 
 
@@ -394,7 +400,7 @@ def _class_images(
 
     def progress(done: int, total: int) -> None:
         if events is not None:
-            events.emit("class_images", done=done, total=total)
+            events.emit(ClassImagesDrawn(done, total))
 
     options = params.class_images
     directory = ensure_class_images(

@@ -1,12 +1,13 @@
 """``python -m diffusion_service.dreambooth.worker JOB_DIR``: run one job.
 
 The service starts one worker process per running job (see
-:mod:`diffusion_service.training` for why a process and not a thread). The
+:mod:`diffusion_service.jobs.manager` for why a process and not a thread). The
 worker reads ``JOB_DIR/job.json`` and talks to the service over its standard
 streams:
 
-- standard output carries events, one JSON object per line (``{"event":
-  "step", ...}``); everything else the process prints, Python's, Lightning's
+- standard output carries events, one JSON object per line, of the typed
+  schema in :mod:`diffusion_service.jobs.worker_events` (shared with the
+  manager that reads them); everything else the process prints, Python's, Lightning's
   or diffusers', goes to standard error, which the service sends to
   ``JOB_DIR/worker.log``;
 - standard input carries commands, one per line: ``cancel`` (stop after the
@@ -15,27 +16,33 @@ streams:
   the service is gone and counts as ``shutdown``, so a worker never trains on
   for a service that was killed.
 
-The last event is ``exported`` (the pipeline is in the export directory),
-``stopped`` (with ``why``: cancel or shutdown) or ``failed`` (with a
-``reason`` safe to show the job's owner; the traceback is in the log). A lock
+The last event is ``Exported`` (the pipeline is in the export directory),
+``Stopped`` (``why``: cancel or shutdown) or ``Failed`` (a ``reason`` safe
+to show the job's owner; the traceback is in the log). A lock
 on ``JOB_DIR/worker.lock`` keeps a second worker of the same job (a service
 restarted while the old worker was still saving) waiting until the first
-is gone.
+is gone; on shared storage the lock also keeps a replica that took over
+a job from one that vanished off its files until the old worker is gone.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import IO, Any
 
 from diffusion_service.dreambooth.params import WorkerSpec
+from diffusion_service.jobs.worker_events import (
+    Failed,
+    Stopped,
+    WorkerEvent,
+    WorkerStarted,
+    encode,
+)
 
 log = logging.getLogger("diffusion_service.dreambooth.worker")
 
@@ -50,11 +57,11 @@ class EventWriter:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def emit(self, kind: str, **fields: Any) -> None:
+    def emit(self, event: WorkerEvent) -> None:
         """Report one event; a vanished reader is ignored (the listener stops us)."""
         if self._stream is None:
             return
-        line = json.dumps({"event": kind, "time": time.time(), **fields})
+        line = encode(event)
         with self._lock:
             try:
                 self._stream.write(line + "\n")
@@ -141,7 +148,7 @@ def _run(job_dir: Path, events: EventWriter | None, control: Any) -> int:
 
     torch.set_num_threads(spec.runtime.torch_threads)
     if events is not None:
-        events.emit("started", pid=os.getpid())
+        events.emit(WorkerStarted(os.getpid()))
     from diffusion_service.dreambooth.class_images import StopRequested
     from diffusion_service.dreambooth.trainer import run_job
 
@@ -152,11 +159,11 @@ def _run(job_dir: Path, events: EventWriter | None, control: Any) -> int:
     except BaseException as error:
         log.exception("job %s failed", spec.runtime.job_id)
         if events is not None:
-            events.emit("failed", reason=safe_reason(error))
+            events.emit(Failed(safe_reason(error)))
         return 1
     log.info("job %s: %s", spec.runtime.job_id, outcome)
     if events is not None and outcome != "exported":
-        events.emit("stopped", why="cancel" if outcome == "cancelled" else "shutdown")
+        events.emit(Stopped("cancel" if outcome == "cancelled" else "shutdown"))
     return 0
 
 

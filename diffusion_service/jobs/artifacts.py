@@ -1,7 +1,9 @@
 """The artifacts directory: where DreamBooth jobs and their models live.
 
-Under the artifacts directory (a local directory, or a PersistentVolume at
-scale): ``jobs/<job_id>/`` (the instance images, job.json, checkpoints,
+Under the artifacts directory (a local directory, or on Kubernetes a
+ReadWriteMany volume every replica mounts at the same path: a job resumed
+on another replica finds its checkpoints there, and a model trained on one
+is served by all): ``jobs/<job_id>/`` (the instance images, job.json, checkpoints,
 TensorBoard logs, validation images and the worker's log),
 ``class-images/<key>/`` (the class-prior cache shared by all jobs) and
 ``models/<name>/`` (fine-tuned pipelines; ``.partial-<job_id>`` while a
@@ -17,7 +19,7 @@ import re
 import shutil
 from pathlib import Path
 
-from diffusion_service.job_store import JobStore, SavedModel
+from diffusion_service.jobs.store import JobStore, SavedModel
 from diffusion_service.registry import SavedRegistration
 from dreamsight_server.errors import FailedPrecondition
 
@@ -65,6 +67,10 @@ class FineTunedModels:
     def save(self, registration: SavedRegistration) -> None:
         r = registration
         self._store.save_model(SavedModel(r.name, r.owner_tenant, r.base_model, r.job_id, r.path))
+
+    def find(self, name: str, tenant: str) -> SavedRegistration | None:
+        m = self._store.find_model(name, tenant)
+        return SavedRegistration(m.name, m.path, m.tenant, m.base_model, m.job_id) if m else None
 
     def forget(self, registration: SavedRegistration) -> None:
         self._store.delete_model(registration.name, registration.owner_tenant)

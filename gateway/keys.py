@@ -23,7 +23,8 @@ from gateway.store import AsyncStore, KeyRow
 _SECRET = re.compile(r"^ds_([0-9a-f]{12})_[A-Za-z0-9_-]{20,64}$")
 _TENANT = re.compile(r"^[a-z0-9_-]{1,64}$")
 _DUMMY_HASH = hashlib.sha256(b"dreamsight-no-such-key").hexdigest()
-UNAUTHENTICATED_MESSAGE = "missing, unknown or revoked API key"
+UNKNOWN_KEY_MESSAGE = "unknown or revoked API key"
+NO_KEY_MESSAGE = "no API key: send the header 'Authorization: Bearer <your dreamsight key>'"
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class KeyService:
         stored = row.secret_hash if row is not None else _DUMMY_HASH
         valid = hmac.compare_digest(stored, presented)
         if not valid or row is None or row.revoked_at is not None:
-            raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
+            # Saying the caller sent no key reveals nothing; which keys exist stays unsaid.
+            raise Unauthenticated(UNKNOWN_KEY_MESSAGE if secret else NO_KEY_MESSAGE)
         caller = Caller(row.key_id, row.tenant, row.tier)
         self._cache[presented] = (now + self._cache_ttl_s, caller)
         return caller

@@ -9,8 +9,11 @@ docs/quality.md by a margin that keeps them stable for these sample sizes.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
+from typing import Any
 
+import aiohttp
 import dreamsight
 import pytest
 
@@ -66,7 +69,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             diffusion_target=f"127.0.0.1:{diffusion.port}",
             database=str(tmp / "gw.sqlite3"),
             admin_token=ADMIN_TOKEN,
-            http_port=None,
+            http_port=0,
             server=ServerOptions(metrics_port=None, grace_s=1.0),
         )
     )
@@ -105,6 +108,61 @@ async def test_vision_answer_depends_on_the_image_not_the_wording(stack: Stack) 
             replies.append("".join(chunks))
     assert scenes.grade(red_circle, "describe", replies[0]), replies
     assert scenes.grade(blue_square, "describe", replies[1]), replies
+
+
+async def _completion_tokens(stack: Stack, path: str, body: dict[str, Any]) -> int:
+    url = f"http://127.0.0.1:{stack.gateway.http_port}{path}"
+    headers = {"Authorization": f"Bearer {stack.key}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as r,
+    ):
+        reply = await r.json()
+        assert r.status == 200, reply
+    return int(reply["usage"]["completion_tokens"] if "usage" in reply else reply["eval_count"])
+
+
+async def test_ignore_eos_and_min_tokens_are_honoured_on_both_http_apis(stack: Stack) -> None:
+    """The trained model ends its turn after a few words; vLLM's ignore_eos runs on
+    to max_tokens (benchmarks count on it) and min_tokens holds the end back."""
+    image = quality.png(
+        scenes.render(scenes.Scene("circle", "red", scenes.COLOURS["red"], 0.5, 0.5, 0.6), 96)
+    )
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    content = [
+        {"type": "text", "text": "Describe the image."},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+    openai_body: dict[str, Any] = {
+        "model": "llava-shapes",
+        "temperature": 0,
+        "max_tokens": 40,
+        "messages": [{"role": "user", "content": content}],
+    }
+    options: dict[str, Any] = {"temperature": 0, "num_predict": 40}
+    ollama_body: dict[str, Any] = {
+        "model": "llava-shapes",
+        "stream": False,
+        "messages": [
+            {"role": "user", "content": "Describe the image.", "images": [url.split(",", 1)[1]]}
+        ],
+        "options": options,
+    }
+    ends_at = await _completion_tokens(stack, "/v1/chat/completions", openai_body)
+    assert ends_at < 30, "the trained model ends its turn on its own"
+    assert await _completion_tokens(stack, "/api/chat", ollama_body) == ends_at
+    assert (
+        await _completion_tokens(stack, "/v1/chat/completions", {**openai_body, "ignore_eos": True})
+        == 40
+    )
+    held = await _completion_tokens(
+        stack, "/v1/chat/completions", {**openai_body, "min_tokens": ends_at + 4}
+    )
+    assert held >= ends_at + 4
+    forced = {**ollama_body, "options": {**options, "ignore_eos": True}}
+    assert await _completion_tokens(stack, "/api/chat", forced) == 40
+    held_body = {**ollama_body, "options": {**options, "min_tokens": ends_at + 4}}
+    assert await _completion_tokens(stack, "/api/chat", held_body) >= ends_at + 4
 
 
 async def test_diffusion_draws_the_prompted_colour_and_shape(stack: Stack) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -256,6 +257,30 @@ BAD_REQUESTS: list[tuple[str, vision_pb2.ChatRequest, str]] = [
         "options.top_p",
     ),
     (
+        "a prompt and messages",
+        vision_pb2.ChatRequest(prompt="Once upon", messages=[user("hi")]),
+        "prompt",
+    ),
+    (
+        "a raw prompt longer than the context",
+        vision_pb2.ChatRequest(prompt="word " * 3000),
+        "prompt",
+    ),
+    (
+        "min_tokens past max_tokens",
+        vision_pb2.ChatRequest(
+            messages=[user("hi")], options=vision_pb2.ChatOptions(max_tokens=4, min_tokens=5)
+        ),
+        "options.min_tokens",
+    ),
+    (
+        "min_tokens past the default max_tokens",
+        vision_pb2.ChatRequest(
+            messages=[user("hi")], options=vision_pb2.ChatOptions(min_tokens=900)
+        ),
+        "options.min_tokens",
+    ),
+    (
         "negative top_k",
         vision_pb2.ChatRequest(messages=[user("hi")], options=vision_pb2.ChatOptions(top_k=-3)),
         "options.top_k",
@@ -353,3 +378,25 @@ async def test_metrics_are_exposed_and_move(vision: VisionHandle) -> None:
     assert after[ttft] == before[ttft] + 1
     assert "dreamsight_vision_engine_queue_depth" in after
     assert after["dreamsight_vision_requests_in_flight"] == 0
+
+
+async def test_a_raw_prompt_is_continued_without_the_chat_template(
+    vision: VisionHandle, llava_dir: Path
+) -> None:
+    """The legacy completions API's text: tokenized as it stands (with BOS), no template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    text = "Once upon a time"
+    request = vision_pb2.ChatRequest(model="llava-demo", prompt=text, options=greedy(6))
+    deltas, final = [], None
+    async for response in stub(vision).Chat(request):
+        if response.HasField("final"):
+            final = response.final
+        else:
+            deltas.append(response.delta)
+    assert final is not None and final.completion_tokens == 6
+    assert final.prompt_tokens == len(tokenizer(text)["input_ids"])
+    _, templated = await chat(vision, user(text), options=greedy(6))
+    assert templated.prompt_tokens > final.prompt_tokens  # the template adds its headers
+    assert "".join(deltas) == final.text

@@ -64,8 +64,20 @@ def chat_input(
     """Validate a ChatRequest and convert it; raises InvalidArgument or NotFound."""
     if request.model and request.model != info.name:
         raise NotFound(f"model {request.model!r} is not served here (try {info.name!r})")
+    if request.prompt:
+        if request.messages:
+            raise InvalidArgument("prompt", "set either prompt or messages, not both")
+        if len(request.prompt) > MAX_TEXT_CHARS:
+            raise InvalidArgument("prompt", f"longer than {MAX_TEXT_CHARS} characters")
+        return ChatInput(
+            model=info.name,
+            messages=(),
+            options=_options(request.options, max_stop_strings),
+            request_id=request.request_id,
+            prompt=request.prompt,
+        )
     if not request.messages:
-        raise InvalidArgument("messages", "at least one message is required")
+        raise InvalidArgument("messages", "at least one message (or a prompt) is required")
     total_images = sum(len(m.images) for m in request.messages)
     if total_images > info.max_images_per_request:
         raise InvalidArgument(
@@ -124,6 +136,13 @@ def _options(options: vision_pb2.ChatOptions, max_stop_strings: int) -> Sampling
         values["top_k"] = options.top_k
     if options.HasField("seed"):
         values["seed"] = options.seed
+    values["ignore_eos"] = options.ignore_eos
+    values["min_tokens"] = options.min_tokens
+    if options.HasField("max_tokens") and options.min_tokens > options.max_tokens:
+        raise InvalidArgument(
+            "options.min_tokens",
+            f"{options.min_tokens} is more than max_tokens ({options.max_tokens})",
+        )
     if len(options.stop) > max_stop_strings:
         raise InvalidArgument("options.stop", f"at most {max_stop_strings} stop strings")
     for i, stop in enumerate(options.stop):
@@ -163,7 +182,11 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 def chat_response(event: ChatEvent) -> vision_pb2.ChatResponse:
     """One stream message for an engine event."""
     if isinstance(event, ChatDelta):
-        return vision_pb2.ChatResponse(delta=event.text)
+        return vision_pb2.ChatResponse(
+            delta=event.text,
+            completion_tokens=event.completion_tokens,
+            prompt_tokens=event.prompt_tokens,
+        )
     return vision_pb2.ChatResponse(final=chat_final(event))
 
 

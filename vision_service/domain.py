@@ -43,6 +43,8 @@ class SamplingOptions:
     seed: int | None = None
     json_object: bool = False
     json_schema: dict[str, Any] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,18 @@ class ChatInput:
     messages: tuple[ChatMessage, ...]
     options: SamplingOptions = field(default_factory=SamplingOptions)
     request_id: str = ""
+    prompt: str | None = None
+    """Text continued as it stands, without the chat template (then no messages)."""
+
+    @property
+    def prompt_field(self) -> str:
+        """The request field that holds the prompt, for errors."""
+        return "messages" if self.prompt is None else "prompt"
+
+    @property
+    def text_chars(self) -> int:
+        """Characters of text over all messages (or the raw prompt)."""
+        return len(self.prompt or "") + sum(len(m.text) for m in self.messages)
 
     @property
     def image_count(self) -> int:
@@ -75,6 +89,10 @@ class ChatDelta:
     """The next piece of text."""
 
     text: str
+    completion_tokens: int = 0
+    """Tokens generated so far, this piece's included."""
+    prompt_tokens: int = 0
+    """Tokens in the prompt: set on the first piece only."""
 
 
 @dataclass(frozen=True)

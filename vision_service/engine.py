@@ -161,8 +161,11 @@ class VllmChatEngine:
         """Token ids of the conversation in the model's chat template.
 
         Each image is one placeholder token here; vLLM expands it to the
-        image's feature tokens.
+        image's feature tokens. A raw prompt is tokenized as it stands, with
+        the tokenizer's own special tokens (BOS), as vLLM's completions API does.
         """
+        if request.prompt is not None:
+            return [int(i) for i in self._processor.tokenizer(request.prompt)["input_ids"]]
         conversation = [
             {
                 "role": m.role.value,
@@ -192,6 +195,11 @@ class VllmChatEngine:
                 f"and the context {self._settings.max_model_len}, leaving {room}",
             )
         max_tokens = options.max_tokens or min(room, self._settings.default_max_tokens)
+        if options.min_tokens > max_tokens:
+            raise InvalidArgument(
+                "options.min_tokens",
+                f"{options.min_tokens} is more than the {max_tokens} tokens this reply may have",
+            )
         structured = None
         if options.json_schema is not None:
             structured = StructuredOutputsParams(json=options.json_schema)
@@ -203,6 +211,8 @@ class VllmChatEngine:
             "seed": options.seed,
             "structured_outputs": structured,
             "output_kind": RequestOutputKind.DELTA,
+            "ignore_eos": options.ignore_eos,
+            "min_tokens": options.min_tokens,
         }
         for name in (
             "temperature",
@@ -222,13 +232,13 @@ class VllmChatEngine:
         if not self.ready:
             raise Unavailable("the vision model is loading or its engine is down")
         arrival = time.monotonic()
-        chars = sum(len(m.text) for m in request.messages)
+        chars = request.text_chars
         limit = self._settings.prompt_char_limit
         if chars > limit:
             # Refused before tokenizing: a huge prompt must not cost the service
             # seconds of CPU and gigabytes of memory to find out it cannot fit.
             raise InvalidArgument(
-                "messages",
+                request.prompt_field,
                 f"the prompt is {chars} characters, more than the {limit} that can fit the "
                 f"model's context of {self._settings.max_model_len} tokens",
             )
@@ -239,7 +249,7 @@ class VllmChatEngine:
         prompt_tokens = self.prompt_length(prompt_ids, request.image_count)
         if prompt_tokens >= self._settings.max_model_len:
             raise InvalidArgument(
-                "messages",
+                request.prompt_field,
                 f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
                 f"{self._settings.max_model_len} tokens (leave room for the reply)",
             )
@@ -271,8 +281,11 @@ class VllmChatEngine:
                     last_token_at = now
                     completion_tokens += new_tokens
                 if completion.text:
+                    first_piece = not pieces
                     pieces.append(completion.text)
-                    yield ChatDelta(completion.text)
+                    yield ChatDelta(
+                        completion.text, completion_tokens, prompt_tokens if first_piece else 0
+                    )
                 if output.finished:
                     finished = True
                     reason = _FINISH.get(completion.finish_reason or "", FinishReason.ERROR)

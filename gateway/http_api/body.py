@@ -153,11 +153,16 @@ def json_schema_format(schema: Any, param: str) -> vision_pb2.ResponseFormat:
     )
 
 
-def refuse(body: Mapping[str, Any], keys: tuple[str, ...]) -> None:
-    """InvalidArgument for the first of keys given a non-empty value (unsupported here)."""
-    for key in keys:
-        if body.get(key):
-            raise InvalidArgument(key, "is not supported by dreamsight")
+def tools(value: Any, param: str) -> None:
+    """Tool declarations checked for shape (the served models leave them unused)."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise InvalidArgument(param, "must be a list of tools")
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidArgument(f"{param}[{i}].function.name", "each tool names its function")
 
 
 MAX_SEED = 2**63 - 1

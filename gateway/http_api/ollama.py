@@ -23,6 +23,7 @@ from dreamsight.vision.v1 import vision_pb2
 
 from dreamsight_server.errors import DreamsightError, InvalidArgument
 from gateway.calls import MeteredCall
+from gateway.http_api import fields
 from gateway.http_api.body import (
     MAX_INT32,
     MAX_SEED,
@@ -33,8 +34,8 @@ from gateway.http_api.body import (
     json_schema_format,
     off_loop_if_large,
     read_json,
-    refuse,
     stop_strings,
+    tools,
 )
 from gateway.http_api.errors import HttpError, error_middleware, http_error
 from gateway.http_api.upstream import Upstream, reply_text
@@ -52,9 +53,9 @@ _DONE_REASONS = {
     vision_pb2.FINISH_REASON_LENGTH: "length",
     vision_pb2.FINISH_REASON_GPU_BUDGET: "length",  # cut short: the clients' word for it
 }
-# Ollama option -> ChatOptions field. Runner options (num_ctx, num_gpu, num_thread,
-# mirostat, ...) do not apply to a served model and are ignored, as Ollama ignores
-# options a runner does not use.
+# Ollama option -> ChatOptions field. Which options apply and which are refused is
+# gateway.http_api.fields' table (runner settings such as num_ctx apply as the
+# served model's own).
 _FLOAT_OPTIONS = {
     "temperature": "temperature",
     "top_p": "top_p",
@@ -94,8 +95,14 @@ def _message(index: int, value: Any) -> vision_pb2.Message:
     where = f"messages[{index}]"
     if not isinstance(value, dict):
         raise InvalidArgument(where, "must be an object")
+    if value.get("tool_calls"):
+        raise InvalidArgument(f"{where}.tool_calls", fields.NO_TOOL_CALLS)
     role = _ROLES.get(value.get("role", ""))
     if role is None:
+        if value.get("role") == "tool":
+            raise InvalidArgument(
+                f"{where}.role", f"tool results answer tool calls, and {fields.NO_TOOL_CALLS}"
+            )
         raise InvalidArgument(f"{where}.role", "must be system, user or assistant")
     return vision_pb2.Message(
         role=role,
@@ -112,6 +119,8 @@ def _options(body: dict[str, Any]) -> vision_pb2.ChatOptions:
     for name, target in _FLOAT_OPTIONS.items():
         values[target] = get(options, name, float, f"options.{name}")
     values["top_k"] = get_int(options, "top_k", "options.top_k", 0, MAX_INT32)
+    values["ignore_eos"] = get(options, "ignore_eos", bool, "options.ignore_eos")
+    values["min_tokens"] = get_int(options, "min_tokens", "options.min_tokens", 0, MAX_UINT32)
     seed = get_int(options, "seed", "options.seed", -MAX_SEED, MAX_SEED)
     values["seed"] = seed if seed is not None and seed >= 0 else None  # -1: a random seed
     predict = get_int(options, "num_predict", "options.num_predict", -2, MAX_UINT32)
@@ -133,7 +142,8 @@ def _options(body: dict[str, Any]) -> vision_pb2.ChatOptions:
 
 def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
     """POST /api/chat's body as a ChatRequest."""
-    refuse(body, ("tools", "think"))
+    fields.OLLAMA_CHAT.check(body)
+    tools(body.get("tools"), "tools")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidArgument("messages", "must be a list of messages")
@@ -147,12 +157,16 @@ def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
 def _generate_request(body: dict[str, Any]) -> vision_pb2.ChatRequest | None:
     """POST /api/generate's body as a ChatRequest; None for the "load the model"
     call (no prompt, no images)."""
-    refuse(body, ("suffix", "template", "context", "raw", "think"))
+    fields.OLLAMA_GENERATE.check(body)
     model = _model_name(body)
     prompt = get(body, "prompt", str, "prompt") or ""
     images = _images(body.get("images"), "images")
     if not prompt and not images:
         return None
+    if get(body, "raw", bool, "raw"):  # the prompt as it stands, no template
+        if images or body.get("system"):
+            raise InvalidArgument("raw", "a raw prompt carries no images and no system prompt")
+        return vision_pb2.ChatRequest(model=model, prompt=prompt, options=_options(body))
     messages = []
     if system := get(body, "system", str, "system"):
         messages.append(vision_pb2.Message(role=vision_pb2.ROLE_SYSTEM, content=system))
@@ -251,7 +265,8 @@ class OllamaApi:
             return _piece(kind, name, content)
 
         async with self._up.chat(request, PROTOCOL, chat) as call:
-            first = await call.read()  # upstream errors before it get a real HTTP status
+            # Upstream errors before the first message get a real HTTP status.
+            first = await self._up.first_reply(request, PROTOCOL, call, chat.model)
             if stream is False:
                 messages = await call.rest(first)
                 reply = {**piece(reply_text(messages)), **_done(messages[-1].final)}
@@ -302,6 +317,7 @@ class OllamaApi:
         """POST /api/show: one model's details."""
         await self._up.authenticate(request)
         body = await read_json(request, self._up.body_limits.other)
+        fields.OLLAMA_SHOW.check(body)
         model = await self._up.vision_model(request, PROTOCOL, _model_name(body))
         info = {
             "general.architecture": "llava",

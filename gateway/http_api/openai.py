@@ -17,6 +17,8 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -27,6 +29,7 @@ from dreamsight.vision.v1 import vision_pb2
 
 from dreamsight_server.errors import DreamsightError, InvalidArgument
 from gateway.calls import MeteredCall
+from gateway.http_api import fields
 from gateway.http_api.body import (
     MAX_INT32,
     MAX_SEED,
@@ -37,8 +40,8 @@ from gateway.http_api.body import (
     json_schema_format,
     off_loop_if_large,
     read_json,
-    refuse,
     stop_strings,
+    tools,
 )
 from gateway.http_api.errors import HttpError, error_middleware, http_error
 from gateway.http_api.upstream import Upstream, reply_text
@@ -123,8 +126,14 @@ def _message(index: int, value: Any) -> vision_pb2.Message:
     where = f"messages[{index}]"
     if not isinstance(value, dict):
         raise InvalidArgument(where, "must be an object")
+    if value.get("tool_calls"):
+        raise InvalidArgument(f"{where}.tool_calls", fields.NO_TOOL_CALLS)
     role = _ROLES.get(value.get("role", ""))
     if role is None:
+        if value.get("role") in ("tool", "function"):
+            raise InvalidArgument(
+                f"{where}.role", f"tool results answer tool calls, and {fields.NO_TOOL_CALLS}"
+            )
         raise InvalidArgument(f"{where}.role", "must be system, developer, user or assistant")
     text, images = _content(value.get("content"), f"{where}.content")
     return vision_pb2.Message(role=role, content=text, images=images)
@@ -145,31 +154,63 @@ def _response_format(value: Any) -> vision_pb2.ResponseFormat:
     raise InvalidArgument("response_format", "type must be text, json_object or json_schema")
 
 
-def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
-    refuse(body, ("tools", "functions", "logprobs", "logit_bias", "audio"))
+def _model(body: dict[str, Any]) -> str:
     model = get(body, "model", str, "model")
     if not model:
         raise InvalidArgument("model", "you must provide a model parameter")
-    if body.get("n") not in (None, 1):
-        raise InvalidArgument("n", "only n=1 is supported")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidArgument("messages", "must be a non-empty list of messages")
+    return model
+
+
+def _sampling(body: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
+    """ChatOptions fields from the sampling parameters both text endpoints share."""
     values: dict[str, Any] = {name: get(body, name, float, name) for name in _FLOATS}
     values["repetition_penalty"] = get(body, "repetition_penalty", float, "repetition_penalty")
     values["top_k"] = get_int(body, "top_k", "top_k", 0, MAX_INT32)
     values["seed"] = get_int(body, "seed", "seed", -MAX_SEED, MAX_SEED)
-    values["max_tokens"] = get_int(
+    values["max_tokens"] = max_tokens
+    values["ignore_eos"] = get(body, "ignore_eos", bool, "ignore_eos")
+    values["min_tokens"] = get_int(body, "min_tokens", "min_tokens", 0, MAX_UINT32)
+    values["stop"] = stop_strings(body.get("stop"), "stop")
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
+    fields.OPENAI_CHAT.check(body)
+    model = _model(body)
+    tools(body.get("tools"), "tools")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument("messages", "must be a non-empty list of messages")
+    max_tokens = get_int(
         body, "max_completion_tokens", "max_completion_tokens", 1, MAX_UINT32
     ) or get_int(body, "max_tokens", "max_tokens", 1, MAX_UINT32)
     options = vision_pb2.ChatOptions(
-        stop=stop_strings(body.get("stop"), "stop"),
         response_format=_response_format(body.get("response_format")),
-        **{k: v for k, v in values.items() if v is not None},
+        **_sampling(body, max_tokens),
     )
     return vision_pb2.ChatRequest(
         model=model, messages=[_message(i, m) for i, m in enumerate(messages)], options=options
     )
+
+
+_COMPLETION_MAX_TOKENS = 16
+"""OpenAI's default max_tokens for the legacy completions API."""
+
+
+def _completion_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
+    """POST /v1/completions' body: a raw prompt, continued without the chat template."""
+    fields.OPENAI_COMPLETIONS.check(body)
+    model = _model(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidArgument(
+            "prompt", "must be a non-empty string (or a list of one; token ids are not accepted)"
+        )
+    max_tokens = get_int(body, "max_tokens", "max_tokens", 1, MAX_UINT32)
+    options = vision_pb2.ChatOptions(**_sampling(body, max_tokens or _COMPLETION_MAX_TOKENS))
+    return vision_pb2.ChatRequest(model=model, prompt=prompt, options=options)
 
 
 def _usage(final: vision_pb2.ChatFinal) -> dict[str, int]:
@@ -180,15 +221,14 @@ def _usage(final: vision_pb2.ChatFinal) -> dict[str, int]:
     }
 
 
-def _completion(head: dict[str, Any], messages: list[vision_pb2.ChatResponse]) -> dict[str, Any]:
+def _finish(final: vision_pb2.ChatFinal) -> str:
+    return _FINISH.get(final.finish_reason, "stop")
+
+
+def _chat_whole(head: dict[str, Any], messages: list[vision_pb2.ChatResponse]) -> dict[str, Any]:
     final = messages[-1].final
     message = {"role": "assistant", "content": reply_text(messages), "refusal": None}
-    choice = {
-        "index": 0,
-        "message": message,
-        "logprobs": None,
-        "finish_reason": _FINISH.get(final.finish_reason, "stop"),
-    }
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(final)}
     return {
         **head,
         "object": "chat.completion",
@@ -196,6 +236,86 @@ def _completion(head: dict[str, Any], messages: list[vision_pb2.ChatResponse]) -
         "usage": _usage(final),
         "system_fingerprint": None,
     }
+
+
+def _chat_piece(text: str | None, finish: str | None) -> dict[str, Any]:
+    delta = {} if text is None else {"content": text}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _text_whole(head: dict[str, Any], messages: list[vision_pb2.ChatResponse]) -> dict[str, Any]:
+    final = messages[-1].final
+    choice = {"index": 0, "text": reply_text(messages), "logprobs": None}
+    return {
+        **head,
+        "object": "text_completion",
+        "choices": [{**choice, "finish_reason": _finish(final)}],
+        "usage": _usage(final),
+        "system_fingerprint": None,
+    }
+
+
+def _text_piece(text: str | None, finish: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+
+@dataclass(frozen=True)
+class _Usage:
+    """Usage in a stream: stream_options.include_usage and continuous_usage_stats."""
+
+    last: bool
+    """In a last chunk of its own (include_usage)."""
+    running: bool
+    """Also the figures so far on every chunk (vLLM's continuous_usage_stats)."""
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How one of the two text endpoints words its replies."""
+
+    id_prefix: str
+    chunk_object: str
+    whole: Callable[[dict[str, Any], list[vision_pb2.ChatResponse]], dict[str, Any]]
+    piece: Callable[[str | None, str | None], dict[str, Any]]
+    """A streamed choice: a text piece, or (text None) the end with its finish reason."""
+    opening: dict[str, Any] | None = None
+    """The choice sent before the first piece, if any."""
+
+
+_CHAT = _Shape(
+    "chatcmpl",
+    "chat.completion.chunk",
+    _chat_whole,
+    _chat_piece,
+    opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None},
+)  # fmt: skip
+_COMPLETION = _Shape("cmpl", "text_completion", _text_whole, _text_piece)
+
+
+def _model_entry(name: str, parent: str | None, kind: str, demo: bool) -> dict[str, Any]:
+    """A /v1/models entry: OpenAI's fields, vLLM's (root, parent), and what it does."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "dreamsight",
+        "root": name,
+        "parent": parent,
+        # What the model is for, where clients read it: chat or image generation.
+        "kind": kind,
+        "capabilities": ["chat", "vision"] if kind == "chat" else ["image_generation"],
+        "demo": demo,
+    }
+
+
+def _chat_model(model: vision_pb2.VisionModel) -> dict[str, Any]:
+    entry = _model_entry(model.name, None, "chat", model.demo)
+    return {**entry, "max_model_len": model.context_length}
+
+
+def _image_model(model: diffusion_pb2.DiffusionModel) -> dict[str, Any]:
+    return _model_entry(model.name, model.base_model or None, "image", model.demo)
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
@@ -211,25 +331,43 @@ class OpenAIApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
+        return await self._text(request, _chat_request, _CHAT)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions: the legacy text API, the prompt continued as it stands."""
+        return await self._text(request, _completion_request, _COMPLETION)
+
+    async def _text(
+        self,
+        request: web.Request,
+        convert: Callable[[dict[str, Any]], vision_pb2.ChatRequest],
+        shape: _Shape,
+    ) -> web.StreamResponse:
         await self._up.authenticate(request)
         body = await read_json(request, self._up.body_limits.chat)
-        chat = await off_loop_if_large(request, _chat_request, body)
+        chat = await off_loop_if_large(request, convert, body)
         stream = get(body, "stream", bool, "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise InvalidArgument("stream_options", "must be an object")
         usage = get(options, "include_usage", bool, "stream_options.include_usage")
+        running = get(
+            options, "continuous_usage_stats", bool, "stream_options.continuous_usage_stats"
+        )
         async with self._up.chat(request, PROTOCOL, chat) as call:
-            first = await call.read()  # upstream errors before it get a real HTTP status
+            # Upstream errors before the first message get a real HTTP status.
+            first = await self._up.first_reply(request, PROTOCOL, call, chat.model)
             head = {
-                "id": f"chatcmpl-{call.request_id}",
+                "id": f"{shape.id_prefix}-{call.request_id}",
                 "created": int(time.time()),
                 "model": chat.model,
             }
             if not stream:
-                completion = _completion(head, await call.rest(first))
+                completion = shape.whole(head, await call.rest(first))
                 return web.json_response(completion, headers={"X-Request-Id": call.request_id})
-            return await self._events(request, call, first, head, bool(usage))
+            return await self._events(
+                request, call, first, head, shape, _Usage(bool(usage), bool(usage and running))
+            )
 
     async def _events(
         self,
@@ -237,28 +375,43 @@ class OpenAIApi:
         call: MeteredCall[vision_pb2.ChatResponse],
         message: vision_pb2.ChatResponse | None,
         head: dict[str, Any],
-        include_usage: bool,
+        shape: _Shape,
+        usage: _Usage,
     ) -> web.StreamResponse:
         """The reply as server-sent chunks, then [DONE]."""
+        head = {**head, "object": shape.chunk_object}
+        prompt_tokens = 0
 
-        def chunk(delta: dict[str, str], finish: str | None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            event = {**head, "object": "chat.completion.chunk", "choices": [choice]}
-            return _sse({**event, "usage": None} if include_usage else event)
+        def chunk(choice: dict[str, Any], completion_tokens: int = 0) -> bytes:
+            event = {**head, "choices": [choice]}
+            if not usage.last:
+                return _sse(event)
+            if not usage.running:
+                return _sse({**event, "usage": None})
+            so_far = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+            return _sse({**event, "usage": so_far})
 
         response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": call.request_id})
         await response.prepare(request)
         try:
-            await response.write(chunk({"role": "assistant", "content": ""}, None))
+            if shape.opening is not None:
+                await response.write(chunk(shape.opening))
             while message is not None:
                 if not message.HasField("final"):
-                    await response.write(chunk({"content": message.delta}, None))
+                    prompt_tokens = message.prompt_tokens or prompt_tokens
+                    piece = shape.piece(message.delta, None)
+                    await response.write(chunk(piece, message.completion_tokens))
                 else:
                     final = message.final
-                    await response.write(chunk({}, _FINISH.get(final.finish_reason, "stop")))
-                    if include_usage:
-                        usage = {"object": "chat.completion.chunk", "choices": []}
-                        await response.write(_sse({**head, **usage, "usage": _usage(final)}))
+                    prompt_tokens = final.prompt_tokens
+                    end = shape.piece(None, _finish(final))
+                    await response.write(chunk(end, final.completion_tokens))
+                    if usage.last:
+                        await response.write(_sse({**head, "choices": [], "usage": _usage(final)}))
                 message = await call.read()
             await response.write(_sse("[DONE]"))
         except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error event
@@ -269,21 +422,19 @@ class OpenAIApi:
 
     async def models(self, request: web.Request) -> web.Response:
         """GET /v1/models: chat models, then image models (the caller's own included)."""
-        listed = await asyncio.gather(
+        chat, image = await asyncio.gather(
             self._up.vision_models(request, PROTOCOL),
             self._up.diffusion_models(request, PROTOCOL),
             return_exceptions=True,
         )
-        errors = [r for r in listed if isinstance(r, BaseException)]
-        if len(errors) == len(listed):  # nothing answered: say why the first did not
-            raise errors[0]
-        for error in errors:  # one backend down still lists the other's models
-            log.warning("a backend did not list its models: %r", error)
+        if isinstance(chat, BaseException) and isinstance(image, BaseException):
+            raise chat  # nothing answered: say why the first did not
+        for error in (chat, image):  # one backend down still lists the other's models
+            if isinstance(error, BaseException):
+                log.warning("a backend did not list its models: %r", error)
         data = [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "dreamsight"}
-            for models in listed
-            if not isinstance(models, BaseException)
-            for m in models
+            *(_chat_model(m) for m in ([] if isinstance(chat, BaseException) else chat)),
+            *(_image_model(m) for m in ([] if isinstance(image, BaseException) else image)),
         ]
         return web.json_response({"object": "list", "data": data})
 
@@ -310,6 +461,7 @@ class OpenAIApi:
 
 
 def _generate_request(body: dict[str, Any]) -> diffusion_pb2.GenerateRequest:
+    fields.OPENAI_IMAGES.check(body)
     prompt = get(body, "prompt", str, "prompt")
     if not prompt:
         raise InvalidArgument("prompt", "a prompt is required")
@@ -344,6 +496,7 @@ def app(upstream: Upstream) -> web.Application:
     sub.add_routes(
         [
             web.post("/chat/completions", api.chat_completions),
+            web.post("/completions", api.completions),
             web.get("/models", api.models),
             web.post("/images/generations", api.images),
         ]

@@ -15,6 +15,7 @@ import logging
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from dreamsight_server.lifecycle import TlsFiles
 from gateway.core import GatewayCore
@@ -29,11 +30,38 @@ async def _root(request: web.Request) -> web.Response:
     return web.Response(text="dreamsight gateway: Ollama and OpenAI APIs are running")
 
 
+HEALTH_PATHS = ("/health", "/healthz", "/ping", "/v1/health", "/api/health")
+"""Where health-checking clients probe (vLLM's server answers /health and /ping;
+guidellm checks /health); none needs a key."""
+
+
+def _health(upstream: Upstream) -> Handler:
+    async def health(request: web.Request) -> web.Response:
+        # 200 while any backend serves (the other's calls fail on their own), else 503.
+        backends = await upstream.health()
+        status = (
+            "ok"
+            if all(backends.values())
+            else "degraded"
+            if any(backends.values())
+            else "unavailable"
+        )
+        body = {
+            "status": status,
+            "backends": {k: "serving" if v else "not serving" for k, v in backends.items()},
+        }
+        return web.json_response(body, status=200 if any(backends.values()) else 503)
+
+    return health
+
+
 def build_app(upstream: Upstream) -> web.Application:
-    """The application: the root probe, /api (Ollama) and /v1 (OpenAI)."""
+    """The application: the root probe, health, /api (Ollama) and /v1 (OpenAI)."""
     limits = upstream.body_limits  # each endpoint reads with its own limit (read_json)
     app = web.Application(client_max_size=max(limits.chat, limits.other))
     app.router.add_get("/", _root)
+    for path in HEALTH_PATHS:  # before the sub-applications, so theirs do not shadow them
+        app.router.add_get(path, _health(upstream))
     app.add_subapp("/api", ollama.app(upstream))
     app.add_subapp("/v1", openai.app(upstream))
     return app

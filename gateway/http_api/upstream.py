@@ -24,10 +24,13 @@ import grpc
 from aiohttp import web
 from dreamsight.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dreamsight_server.errors import (
     DeadlineExceeded,
+    DreamsightError,
     InvalidArgument,
+    NotFound,
 )
 from dreamsight_server.metadata import REQUEST_ID_HEADER
 from gateway.calls import MeteredCall
@@ -78,6 +81,22 @@ class Upstream:
         self._diffusion_channel = diffusion
         self._vision = vision_pb2_grpc.VisionServiceStub(vision)
         self._diffusion = diffusion_pb2_grpc.DiffusionServiceStub(diffusion)
+
+    async def health(self, timeout_s: float = 2.0) -> dict[str, bool]:
+        """Whether each backend's grpc.health.v1 check says SERVING."""
+
+        async def serving(channel: grpc.aio.Channel) -> bool:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            try:
+                reply = await check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            except grpc.aio.AioRpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        vision, diffusion = await asyncio.gather(
+            serving(self._vision_channel), serving(self._diffusion_channel)
+        )
+        return {"vision": vision, "diffusion": diffusion}
 
     async def authenticate(self, request: web.Request) -> None:
         """Unauthenticated unless the key is good: checked before a body is read."""
@@ -154,6 +173,41 @@ class Upstream:
             chat,
             vision_pb2.ChatResponse,
         )
+
+    async def first_reply(
+        self,
+        request: web.Request,
+        protocol: str,
+        call: MeteredCall[vision_pb2.ChatResponse],
+        model: str,
+    ) -> vision_pb2.ChatResponse | None:
+        """A chat's first message; a model that cannot chat is NotFound saying which can."""
+        try:
+            return await call.read()
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            explained = await self._which_models_chat(request, protocol, model)
+            if explained is None:
+                raise
+            raise explained from error
+
+    async def _which_models_chat(
+        self, request: web.Request, protocol: str, name: str
+    ) -> NotFound | None:
+        try:
+            chat, image = await asyncio.gather(
+                self.vision_models(request, protocol), self.diffusion_models(request, protocol)
+            )
+        except (grpc.aio.AioRpcError, DreamsightError):
+            return None  # the upstream's own NOT_FOUND still says what is wrong
+        can_chat = ", ".join(repr(m.name) for m in chat) or "none right now"
+        if any(m.name == name for m in image):
+            return NotFound(
+                f"{name!r} draws images and cannot chat (use it for image generation); "
+                f"models that can chat: {can_chat}"
+            )
+        return NotFound(f"no chat model is called {name!r}; models that can chat: {can_chat}")
 
     def generate(
         self, request: web.Request, protocol: str, generate: diffusion_pb2.GenerateRequest

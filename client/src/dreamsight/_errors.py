@@ -40,7 +40,7 @@ class InvalidRequest(DreamsightError):
 
 
 class AuthenticationError(DreamsightError):
-    """UNAUTHENTICATED: the API key is missing, unknown or revoked."""
+    """UNAUTHENTICATED: no API key, or an unknown or revoked one."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
 

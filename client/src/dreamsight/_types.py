@@ -47,6 +47,10 @@ class Options(TypedDict, total=False):
     frequency_penalty: float
     stop: Sequence[str]
     seed: int
+    ignore_eos: bool
+    """Keep generating past end-of-sequence, up to max_tokens."""
+    min_tokens: int
+    """Generate at least this many tokens before the reply may end."""
     format: Literal["text", "json"] | dict[str, Any]
     """"json" for any JSON value, or a JSON Schema dict the reply must match."""
 

@@ -93,6 +93,12 @@ class GatewaySettings:
         "HTTP 413 beyond",
         minimum=1024,
     )
+    http_public_models: bool = setting(
+        True,
+        "list the base models without a key on /api/tags, /api/ps and /v1/models (tools "
+        "such as Open WebUI's Ollama connection and vllm bench serve list before they send "
+        "one); fine-tuned models and every other endpoint still need the caller's key",
+    )
     event_loop: str = setting(
         "uvloop", "uvloop (less CPU per proxied chunk) or asyncio", choices=("uvloop", "asyncio")
     )

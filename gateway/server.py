@@ -135,6 +135,7 @@ async def start_gateway(
                 settings.http_port,
                 BodyLimits(settings.http_chat_body_bytes, settings.http_body_bytes),
                 settings.server.tls,
+                public_models=settings.http_public_models,
             )
         except BaseException:  # e.g. the port is taken: leave nothing running
             await gateway.stop(0)

@@ -436,8 +436,9 @@ async def test_version_needs_no_key_and_unknown_paths_are_404(fake_gateway: Gate
     assert status == 200 and json.loads(body)["version"]
     status, body = await asyncio.to_thread(_get, f"{base}/v1/nothing")
     assert status == 404 and json.loads(body)["error"]["type"] == "invalid_request_error"
-    status, body = await asyncio.to_thread(_get, f"{base}/api/tags")
-    assert status == 401 and "error" in json.loads(body)
+    status, body = await asyncio.to_thread(_get, f"{base}/api/tags")  # the base models
+    assert status == 200 and [m["name"] for m in json.loads(body)["models"]] == ["fake"]
+    assert await asyncio.to_thread(_post, f"{base}/api/show", b'{"model": "fake"}') == 401
     status, body = await asyncio.to_thread(_get, f"{base}/api/pull")
     assert status == 404 and json.loads(body) == {"error": "Not Found"}
     status, body = await asyncio.to_thread(_get, f"{base}/api/chat")

@@ -93,9 +93,11 @@ async def start_http(
     port: int,
     body_limits: BodyLimits,
     tls: TlsFiles | None = None,
+    public_models: bool = True,
 ) -> HttpServer:
-    """Serve the HTTP APIs on host:port (0 picks a free port); HTTPS with tls."""
-    app = build_app(Upstream(core, vision, diffusion, body_limits))
+    """Serve the HTTP APIs on host:port (0 picks a free port); HTTPS with tls;
+    public_models lists the base models to callers without a key."""
+    app = build_app(Upstream(core, vision, diffusion, body_limits, public_models))
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls.ssl_context() if tls else None)

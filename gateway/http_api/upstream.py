@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,6 +47,12 @@ R = TypeVar("R")
 Metadata = tuple[tuple[str, str], ...]
 
 
+PUBLIC_TENANT = "dreamsight-keyless-listing"
+"""The tenant keyless listings ask as; only base models are kept from its answer."""
+PUBLIC_LIST_TTL_S = 5.0
+"""Seconds a keyless listing is kept (and the backends' timeout for it)."""
+
+
 TIMEOUT_HEADER = "X-Request-Timeout"
 """Seconds the caller will wait; it becomes the upstream gRPC deadline."""
 
@@ -74,9 +81,12 @@ class Upstream:
         vision: grpc.aio.Channel,
         diffusion: grpc.aio.Channel,
         body_limits: BodyLimits,
+        public_models: bool = True,
     ) -> None:
         self.core = core
         self.body_limits = body_limits
+        self._public_models = public_models
+        self._public: dict[str, tuple[float, list[Any]]] = {}
         self._vision_channel = vision
         self._diffusion_channel = diffusion
         self._vision = vision_pb2_grpc.VisionServiceStub(vision)
@@ -244,10 +254,36 @@ class Upstream:
         finally:
             await asyncio.shield(self.core.finish(admission, code, None))
 
+    def _keyless(self, request: web.Request) -> bool:
+        return self._public_models and "Authorization" not in request.headers
+
+    async def _public_list(
+        self, service: str, call: Callable[[Metadata], Awaitable[list[Any]]]
+    ) -> list[Any]:
+        """A keyless caller's listing: the backends' answer to no tenant, kept a few
+        seconds, so keyless callers cost the backends one call per interval at most."""
+        now = asyncio.get_running_loop().time()
+        kept = self._public.get(service)
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        metadata = self.core.tenant_metadata(PUBLIC_TENANT, uuid.uuid4().hex)
+        models = await call(metadata)
+        self._public[service] = (now + PUBLIC_LIST_TTL_S, models)
+        return models
+
     async def vision_models(
         self, request: web.Request, protocol: str
     ) -> list[vision_pb2.VisionModel]:
-        """VisionService.ListModels."""
+        """VisionService.ListModels (every chat model is a base model)."""
+        if self._keyless(request):
+
+            async def listed(metadata: Metadata) -> list[Any]:
+                reply = await self._vision.ListModels(
+                    vision_pb2.ListModelsRequest(), metadata=metadata, timeout=PUBLIC_LIST_TTL_S
+                )
+                return list(reply.models)
+
+            return await self._public_list("vision", listed)
         response = await self._unary(
             request,
             protocol,
@@ -277,7 +313,17 @@ class Upstream:
     async def diffusion_models(
         self, request: web.Request, protocol: str
     ) -> list[diffusion_pb2.DiffusionModel]:
-        """DiffusionService.ListModels: base models and the caller's own."""
+        """DiffusionService.ListModels: base models and the caller's own (base models
+        only to a caller without a key)."""
+        if self._keyless(request):
+
+            async def listed(metadata: Metadata) -> list[Any]:
+                reply = await self._diffusion.ListModels(
+                    diffusion_pb2.ListModelsRequest(), metadata=metadata, timeout=PUBLIC_LIST_TTL_S
+                )
+                return [m for m in reply.models if not m.base_model and not m.job_id]
+
+            return await self._public_list("diffusion", listed)
         response = await self._unary(
             request,
             protocol,

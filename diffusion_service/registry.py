@@ -11,9 +11,11 @@ is the hook the DreamBooth trainer calls when a job succeeds. With a
 :class:`ModelPersistence` (the training job store), fine-tuned registrations
 are saved as they are made, deleted with their files, and read back by
 :meth:`ModelRegistry.refresh` at start-up, so a restart forgets none. Where
-replicas share the store, a model registered by another replica is found by
-:meth:`ModelRegistry.refresh` (called when the store says a job succeeded) or
-at the first request that names it, so no replica needs a restart to serve it.
+replicas share the store, the store is the truth for fine-tuned models: one
+registered by another replica is found by :meth:`ModelRegistry.refresh`
+(called when the store says a job succeeded) or at the first request that
+names it, and one deleted there is dropped at the next request that names
+it, so no replica needs a restart.
 
 Registering reads the model's configs and tokenizer (small files, no
 weights): the default image size comes from the UNet's sample size times
@@ -267,15 +269,27 @@ class ModelRegistry:
         """
         with self._lock:
             entry = self._lookup(name or self._default, tenant)
-        if entry is None and name and self._persistence is not None:
-            # Perhaps trained on another replica a moment ago.
-            saved = self._persistence.find(name, tenant)
-            if saved is not None and self._adopt(saved):
-                with self._lock:
-                    entry = self._lookup(name, tenant)
+        if self._persistence is not None and name and (entry is None or entry.info.fine_tuned):
+            entry = self._as_stored(name, tenant, entry)
         if entry is None:
             raise NotFound(f"model {name!r} not found")
         return entry
+
+    def _as_stored(self, name: str, tenant: str, entry: ModelEntry | None) -> ModelEntry | None:
+        """A fine-tuned model as the shared store has it now: one trained on
+        another replica a moment ago is adopted, one deleted there is dropped."""
+        assert self._persistence is not None
+        saved = self._persistence.find(name, tenant)
+        if entry is not None and saved is not None and saved.job_id == entry.info.job_id:
+            return entry
+        if entry is not None:
+            with self._lock:
+                if self._fine_tuned.get((tenant, name)) is entry:
+                    del self._fine_tuned[(tenant, name)]
+        if saved is None or not self._adopt(saved):
+            return None
+        with self._lock:
+            return self._lookup(name, tenant)
 
     def contains(self, entry: ModelEntry) -> bool:
         """Whether this very entry is still registered (not deleted or replaced)."""

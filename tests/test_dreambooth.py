@@ -1,7 +1,8 @@
 """DreamBooth jobs end to end: real gRPC, real worker processes, real Lightning.
 
-One diffusion service (training one job at a time) serves the module; tests
-run in file order and later ones use what earlier ones left (a trained model,
+One diffusion service (training one job at a time) serves the module, on a
+SQLite job store and then on a PostgreSQL one (the tests that use it run on
+each); tests run in file order and later ones use what earlier ones left (a trained model,
 the class-image cache, jobs to survive a restart). Jobs train the tiny demo
 Stable Diffusion at 32x32 for a few steps, with a defaults file that keeps
 class and validation images to two denoising steps.
@@ -55,6 +56,8 @@ from dreamsight_server.errors import NotFound
 from dreamsight_server.images import ImageLimits
 from dreamsight_server.lifecycle import ServerOptions
 from dreamsight_server.settings import SettingsError
+from tests.external_servers import postgres_server
+from tests.job_store_helpers import STORE_KINDS, store_location
 from tests.metrics_scrape import metrics_samples
 
 pytestmark = pytest.mark.slow
@@ -111,10 +114,19 @@ class Training:
 
 
 @pytest.fixture(scope="module")
+def postgres_dsn() -> Iterator[str]:
+    with postgres_server() as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="module", params=STORE_KINDS)
 async def training(
-    sd_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, sd_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Training]:
-    root = tmp_path_factory.mktemp("dreambooth")
+    """The service, on a SQLite store, then again on a PostgreSQL one: the
+    tests that use it run once on each (issue 18)."""
+    root = tmp_path_factory.mktemp(f"dreambooth-{request.param}")
+    dsn = request.getfixturevalue("postgres_dsn") if request.param == "postgresql" else ""
     defaults = root / "defaults.yaml"
     defaults.write_text(DEFAULTS_YAML)
     settings = DiffusionSettings(
@@ -122,7 +134,7 @@ async def training(
         device="cpu",
         limits=Limits(max_steps=50, default_steps=2),
         training=TrainingSettings(
-            store=root / "store" / "jobs.sqlite3",
+            store=store_location(request.param, root, dsn),
             artifacts_dir=root / "artifacts",
             defaults_file=defaults,
             concurrency=1,

@@ -29,6 +29,7 @@ from diffusion_service.jobs.store import (
     Change,
     DuplicateRequest,
     JobStore,
+    NameTaken,
     SavedModel,
     TooManyJobs,
     open_store,
@@ -96,6 +97,16 @@ def test_jobs_and_events_round_trip_in_order(store: JobStore) -> None:
     job = store.get(a)
     assert job is not None
     assert (job.state, job.step, job.gpu_seconds) == (JobState.CANCELLED, 1, 2.5)
+
+
+def test_an_active_job_reserves_its_model_name_in_its_tenants_namespace(store: JobStore) -> None:
+    first, second, third = job_ids(3)
+    store.insert_job(first, "alice", "", params(), "my-dog", JobQueued(0), None)
+    with pytest.raises(NameTaken):
+        store.insert_job(second, "alice", "", params(), "my-dog", JobQueued(0), None)
+    store.insert_job(second, "bob", "", params(), "my-dog", JobQueued(0), None)  # bob's own
+    store.record(first, JobState.CANCELLED, JobCancelled())
+    store.insert_job(third, "alice", "", params(), "my-dog", JobQueued(0), None)  # free again
 
 
 def test_the_tenants_limit_counts_active_jobs_atomically(location: Path | str) -> None:

@@ -81,6 +81,8 @@ SERVICES: dict[str, tuple[str, SettingsParser]] = {
     "dreamsight-gateway": ("DREAMSIGHT_GATEWAY_", parse_gateway),
     "dreamsight-vision": ("DREAMSIGHT_VISION_", parse_vision),
     "dreamsight-diffusion": ("DREAMSIGHT_DIFFUSION_", parse_diffusion),
+    # The training plane: the diffusion image as its own Deployment.
+    "dreamsight-training": ("DREAMSIGHT_DIFFUSION_", parse_diffusion),
 }
 SECRET_NAMES = re.compile(r"(TOKEN|SECRET|PASSWORD|DATABASE|DSN|REDIS_URL)")
 
@@ -395,23 +397,70 @@ def test_every_deployment_has_a_disruption_budget(rendered: dict[str, list[Doc]]
 
 
 def test_storage_volumes_are_claimed(rendered: dict[str, list[Doc]]) -> None:
+    """Generation and training replicas share one job store (PostgreSQL, from
+    the Secret) and one artifacts volume, ReadWriteMany where pods spread
+    over nodes."""
     for overlay in OVERLAYS:
         docs = rendered[overlay]
         claims = {c["metadata"]["name"]: c for c in _of_kind(docs, "PersistentVolumeClaim")}
-        diffusion = _get(docs, "Deployment", "dreamsight-diffusion")
-        settings = parse_diffusion([], _env(docs, _container(diffusion)))
-        mounts = {m["mountPath"]: m["name"] for m in _container(diffusion)["volumeMounts"]}
-        volumes = {v["name"]: v for v in _pod_spec(diffusion)["volumes"]}
-        store = settings.training.store
-        assert isinstance(store, Path), f"{overlay}: the embedded store is a file"
-        for path in (settings.training.artifacts_dir, store.parent):
-            volume = volumes[mounts[str(path)]]
+        for name in ("dreamsight-diffusion", "dreamsight-training"):
+            deployment = _get(docs, "Deployment", name)
+            env = _env(docs, _container(deployment))
+            settings = parse_diffusion([], env)
+            where = f"{overlay} {name}"
+            assert env["DREAMSIGHT_DIFFUSION_TRAINING_STORE"] == (
+                "secret:dreamsight-secrets/training-store-url"
+            ), f"{where}: the shared job store's URL comes from the Secret"
+            mounts = {m["mountPath"]: m["name"] for m in _container(deployment)["volumeMounts"]}
+            volumes = {v["name"]: v for v in _pod_spec(deployment)["volumes"]}
+            volume = volumes[mounts[str(settings.training.artifacts_dir)]]
             claim = volume["persistentVolumeClaim"]["claimName"]
-            assert claim in claims, f"{overlay}: {path} is not on a PersistentVolume"
+            assert claim == "dreamsight-training-artifacts", where
         multi_node = overlay != "dev-cpu"
         for claim in ("dreamsight-model-cache", "dreamsight-training-artifacts"):
             modes = claims[claim]["spec"]["accessModes"]
             assert modes == (["ReadWriteMany"] if multi_node else ["ReadWriteOnce"]), claim
+
+
+def test_training_runs_on_its_own_deployment(rendered: dict[str, list[Doc]]) -> None:
+    """Generation replicas train nothing; training replicas train, take no
+    calls from the gateway, request a GPU in the gpu overlay and scale on the
+    plane's queued plus running jobs, one per replica."""
+    for overlay in OVERLAYS:
+        docs = rendered[overlay]
+        generation, training = (
+            parse_diffusion([], _env(docs, _container(_get(docs, "Deployment", name))))
+            for name in ("dreamsight-diffusion", "dreamsight-training")
+        )
+        assert generation.training.concurrency == 0, overlay
+        assert training.training.concurrency >= 1, overlay
+        assert training.training.lease_s <= 60, "a lost replica's jobs resume within a minute"
+        pods = _get(docs, "Deployment", "dreamsight-training")["spec"]["template"]["metadata"]
+        for service in _of_kind(docs, "Service"):
+            if _selects(service["spec"].get("selector", {}), pods["labels"]):
+                assert {p["name"] for p in service["spec"]["ports"]} == {"metrics"}, overlay
+    gpu = rendered["gpu"]
+    training_pod = _container(_get(gpu, "Deployment", "dreamsight-training"))
+    settings = parse_diffusion([], _env(gpu, training_pod))
+    assert settings.training.devices == int(training_pod["resources"]["limits"]["nvidia.com/gpu"])
+    assert settings.training.accelerator == "gpu"
+    (scaled,) = [
+        s
+        for s in _of_kind(gpu, "ScaledObject")
+        if s["spec"]["scaleTargetRef"]["name"] == "dreamsight-training"
+    ]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert "max(dreamsight_diffusion_training_jobs_queued" in trigger["metadata"]["query"]
+    assert float(trigger["metadata"]["threshold"]) == settings.training.concurrency
+    (hpa,) = [
+        h
+        for h in _of_kind(rendered["gpu-prometheus-adapter"], "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == "dreamsight-training"
+    ]
+    (metric,) = hpa["spec"]["metrics"]
+    external = {r["name"]["as"] for r in _adapter_external_rules()}
+    assert metric["external"]["metric"]["name"] in external
+    assert float(metric["external"]["target"]["averageValue"]) == settings.training.concurrency
 
 
 def test_cpu_and_gpu_settings(rendered: dict[str, list[Doc]]) -> None:
@@ -468,6 +517,12 @@ def test_each_service_has_one_autoscaler(rendered: dict[str, list[Doc]], overlay
 
 def _adapter_rules() -> list[Doc]:
     rules: list[Doc] = yaml.safe_load((ADAPTER / "adapter-rules.yaml").read_text())["rules"]
+    return rules
+
+
+def _adapter_external_rules() -> list[Doc]:
+    text = (ADAPTER / "adapter-rules.yaml").read_text()
+    rules: list[Doc] = yaml.safe_load(text)["externalRules"]
     return rules
 
 
@@ -579,7 +634,11 @@ def _expressions() -> dict[str, list[str]]:
         "rules": [str(rule["expr"]) for rule in _rules()],
         "dashboard": [t["expr"] for p in panels for t in p["targets"]],
         "keda": [t["metadata"]["query"] for s in keda for t in s["spec"]["triggers"]],
-        "adapter": [r[k] for r in _adapter_rules() for k in ("seriesQuery", "metricsQuery")],
+        "adapter": [
+            r[k]
+            for r in _adapter_rules() + _adapter_external_rules()
+            for k in ("seriesQuery", "metricsQuery")
+        ],
     }
 
 

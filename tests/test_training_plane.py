@@ -267,6 +267,13 @@ async def test_a_model_trained_on_one_replica_serves_from_the_other_without_rest
             )
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert caught.value.details() == f"training job {job_id!r} not found"
+    # Deleted on the runner, it is gone on the other replica too.
+    await runner.stub.DeleteModel(
+        diffusion_pb2.DeleteModelRequest(name="carol-bird"), metadata=METADATA
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await generate(other, "carol-bird")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_a_job_survives_the_loss_of_its_replica(plane: Plane) -> None:

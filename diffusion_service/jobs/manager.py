@@ -76,6 +76,7 @@ from diffusion_service.jobs.store import (
     Claimed,
     DuplicateRequest,
     JobStore,
+    NameTaken,
     StoredJob,
     TooManyJobs,
 )
@@ -96,6 +97,7 @@ from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.registry import ModelRegistry
 from dreamsight_server.errors import (
     DreamsightError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -170,10 +172,11 @@ class TrainingManager:
         restored = await asyncio.to_thread(self._registry.refresh)
         if restored:
             log.info("restored %d fine-tuned models", restored)
-        if not self._store.shared:
-            # One replica only: a running job's worker died with our previous
-            # process. Requeue it (first in line) rather than wait out its lease.
-            for job in self._store.in_state(JobState.RUNNING):
+        for job in self._store.in_state(JobState.RUNNING):
+            # A job whose worker died with our previous process (a store of
+            # one replica, or one leased under our fixed --training-replica-id):
+            # requeue it, first in line, rather than wait out its lease.
+            if not self._store.shared or job.lease_owner == self.replica:
                 self._publish(
                     job.job_id,
                     JobState.QUEUED,
@@ -273,6 +276,12 @@ class TrainingManager:
                 f"limit is {max_jobs} at once. Wait for one to end or cancel one.",
                 quota_subject="training_jobs",
                 quota_description=f"at most {max_jobs} training jobs queued or running",
+            ) from None
+        except NameTaken:
+            await asyncio.to_thread(shutil.rmtree, job_dir, True)
+            raise FailedPrecondition(
+                f"spec.output_model_name: a model named {name!r} exists or another job will "
+                "create it; choose another name"
             ) from None
         except DuplicateRequest:
             # Another replica created it a moment ago: that one is the job.
@@ -475,7 +484,8 @@ class TrainingManager:
             return
         claimed = self._store.claim(self.replica, self._settings.lease_s, free)
         for claim in claimed:
-            self._launch(claim)
+            if claim.job.job_id not in self._workers:
+                self._launch(claim)
         if claimed:
             self._refresh_queued()
 

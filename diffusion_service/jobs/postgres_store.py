@@ -61,6 +61,9 @@ _MIGRATIONS = [
         ON jobs (tenant, client_request_id) WHERE client_request_id <> '';
     CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, seq);
     CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+    -- A model name is reserved by at most one active job of its tenant.
+    CREATE UNIQUE INDEX IF NOT EXISTS jobs_reserving_names ON jobs (tenant, model_name)
+        WHERE state IN ('queued', 'running');
     CREATE TABLE IF NOT EXISTS job_events (
         job_id TEXT NOT NULL,
         seq INTEGER NOT NULL,

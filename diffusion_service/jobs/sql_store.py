@@ -40,6 +40,7 @@ from diffusion_service.jobs.store import (
     Change,
     Claimed,
     DuplicateRequest,
+    NameTaken,
     SavedModel,
     StoredJob,
     TooManyJobs,
@@ -142,9 +143,11 @@ class SqlJobStore:
                 changes.append(Change(job_id, JobState.QUEUED))
                 return event
         except Exception as error:
-            if self._is_duplicate(error):
+            if not self._is_duplicate(error):
+                raise
+            if client_request_id and self.find_by_request(tenant, client_request_id):
                 raise DuplicateRequest(client_request_id) from error
-            raise
+            raise NameTaken(model_name) from error
 
     def get(self, job_id: str) -> StoredJob | None:
         rows = self._read("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
@@ -243,11 +246,13 @@ class SqlJobStore:
         queued, running = JobState.QUEUED.value, JobState.RUNNING.value
         claimed: list[Claimed] = []
         with self._write() as (execute, changes):
+            # Never our own lapsed lease: renewing it (the job is still ours
+            # unless another replica took it) is how a slow replica recovers.
             picked = execute(
                 "SELECT job_id, state FROM jobs WHERE state = ?"
-                f" OR (state = ? AND lease_expires < {self.NOW})"
+                f" OR (state = ? AND lease_expires < {self.NOW} AND lease_owner <> ?)"
                 f" ORDER BY seq LIMIT ?{self.SKIP_LOCKED}",
-                (queued, running, limit),
+                (queued, running, owner, limit),
             )
             for row in picked:
                 taken_over = row["state"] == running

@@ -98,6 +98,10 @@ class DuplicateRequest(Exception):
     """The tenant already created a job with this client_request_id."""
 
 
+class NameTaken(Exception):
+    """Another queued or running job of the tenant will create a model of this name."""
+
+
 class JobStore(Protocol):
     """Jobs, their events and fine-tuned models, shared by every replica.
 
@@ -117,8 +121,9 @@ class JobStore(Protocol):
         """Add a queued job and its first event.
 
         Raises :class:`TooManyJobs` when the tenant has ``max_active`` queued
-        or running jobs (counted atomically across replicas) and
-        :class:`DuplicateRequest` when it used this client_request_id.
+        or running jobs (counted atomically across replicas),
+        :class:`DuplicateRequest` when it used this client_request_id and
+        :class:`NameTaken` when another of its active jobs reserves the name.
         """
         ...
 
@@ -177,8 +182,8 @@ class JobStore(Protocol):
 
     def claim(self, owner: str, lease_s: float, limit: int) -> list[Claimed]:
         """Claim up to ``limit`` jobs, oldest first: queued ones, and running
-        ones whose lease expired. Each becomes RUNNING under ``owner``'s
-        lease; racing claimers never get the same job."""
+        ones whose lease (another owner's) expired. Each becomes RUNNING under
+        ``owner``'s lease; racing claimers never get the same job."""
         ...
 
     def renew(self, owner: str, job_ids: list[str], lease_s: float) -> set[str]:

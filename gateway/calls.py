@@ -16,9 +16,11 @@ share the backend announced), marked as one in the ledger.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
@@ -43,8 +45,46 @@ def _float(metadata: Any, key: str) -> float | None:
     return None
 
 
+_MULTICALLABLES: weakref.WeakKeyDictionary[grpc.aio.Channel, dict[tuple[Any, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _settled(
+    channel: grpc.aio.Channel,
+    service: str,
+    method: str,
+    serializer: Callable[[Any], bytes] | None,
+    deserializer: Callable[[bytes], Any] | None,
+) -> Any:
+    """The settled twin's multicallable on a channel, made (and its method
+    registered with the channel, as generated stubs do) once."""
+    calls = _MULTICALLABLES.setdefault(channel, {})
+    key = (service, method, serializer, deserializer)
+    multicallable = calls.get(key)
+    if multicallable is None:
+        path = settled_path(service, method)
+        untyped: Any = channel  # grpc-stubs lack _registered_method
+        multicallable = untyped.stream_stream(
+            path, serializer, deserializer, _registered_method=True
+        )
+        calls[key] = multicallable
+    return multicallable
+
+
+_INBOX = 8
+"""Messages read ahead of the caller, at most (gRPC flow control holds the rest)."""
+
+
 class MeteredCall(Generic[M]):
-    """One admitted metered call upstream, from its first message to its bill."""
+    """One admitted metered call upstream, from its first message to its bill.
+
+    One reader task per call reads the backend's messages into a short inbox
+    that read() takes from: a caller's cancel or deadline only stops the
+    caller's wait, never grpc's read (cancelling that would cancel the whole
+    call and lose its trailer, hence its bill). A caller that lags finds the
+    messages already there and takes them without waiting on the loop.
+    """
 
     def __init__(
         self,
@@ -63,8 +103,10 @@ class MeteredCall(Generic[M]):
         # Past the caller's own deadline the gateway stops the call itself and
         # then waits up to settle_timeout_s for the backend's report.
         timeout = None if caller_timeout_s is None else caller_timeout_s + core.settle_timeout_s
-        path = settled_path(admission.service, admission.method)
-        self._call: Any = channel.stream_stream(path, serializer, deserializer)(
+        multicallable = _settled(
+            channel, admission.service, admission.method, serializer, deserializer
+        )
+        self._call: Any = multicallable(
             None, metadata=core.backend_metadata(admission), timeout=timeout
         )
         self._request = request
@@ -72,7 +114,17 @@ class MeteredCall(Generic[M]):
         self._expires_at = expires_at
         """Event-loop time at which read() gives up (DeadlineExceeded); None: the
         transport enforces the caller's deadline itself (gRPC cancels the handler)."""
-        self._reading: asyncio.Future[Any] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expired = False
+        self._inbox: collections.deque[Any] = collections.deque()
+        """Messages, then _EOF or the reader's exception."""
+        self._waiting: asyncio.Future[None] | None = None
+        """read() waits on it for a message (or the deadline)."""
+        self._room: asyncio.Future[None] | None = None
+        """The reader waits on it while the inbox is full."""
+        self._reader: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._draining = False
         self._stop_code: grpc.StatusCode | None = None
         self._ended = False
         self._settled = False
@@ -86,46 +138,90 @@ class MeteredCall(Generic[M]):
 
     async def start(self) -> None:
         """Send the request (a failed backend shows in the first read)."""
+        loop = asyncio.get_running_loop()
+        if self._expires_at is not None:
+            self._expiry = loop.call_at(self._expires_at, self._expire)
         with contextlib.suppress(Exception):
             await asyncio.shield(self._call.write(self._request))
+        self._reader = loop.create_task(self._read_all())
+
+    def _wake(self, future: asyncio.Future[None] | None) -> None:
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._wake(self._waiting)
+
+    async def _read_all(self) -> None:
+        """The reader task: every message into the inbox, then _EOF or the error;
+        while the call is being stopped, messages are dropped until the end."""
+        read = self._call.read
+        inbox = self._inbox
+        try:
+            while True:
+                message = await read()
+                if self._draining and message is not _EOF:
+                    continue  # messages already on their way: nobody reads them now
+                inbox.append(message)
+                self._wake(self._waiting)
+                if message is _EOF:
+                    return
+                while len(inbox) >= _INBOX and not self._draining:
+                    self._room = asyncio.get_running_loop().create_future()
+                    await self._room
+        except Exception as error:
+            self._failure = error
+            inbox.append(error)
+            self._wake(self._waiting)
+        except asyncio.CancelledError as error:  # the channel closed, or settle gave up
+            self._failure = error
+            inbox.append(error)
+            self._wake(self._waiting)
+            raise
 
     def _end(self, code: grpc.StatusCode, trailers: Any) -> None:
         self._ended = True
         self.code = code
         self.gpu_seconds = _float(trailers, GPU_SECONDS_TRAILER)
 
-    async def _read_raw(self, timeout: float | None = None) -> Any:
-        """The next read, in a task of its own: cancelling grpc's read would cancel
-        the whole call (and its trailer), so a caller's cancel only stops the wait."""
-        if self._reading is None:
-            self._reading = asyncio.ensure_future(self._call.read())
-        if timeout is None:
-            message = await asyncio.shield(self._reading)
-        else:
-            done, _ = await asyncio.wait({self._reading}, timeout=timeout)
-            if not done:
-                raise TimeoutError
-            message = self._reading.result()
-        self._reading = None
-        return message
+    def _deadline_passed(self) -> DeadlineExceeded:
+        self._stop_code = grpc.StatusCode.DEADLINE_EXCEEDED
+        return DeadlineExceeded("the request's deadline passed before the reply ended")
+
+    async def _next(self) -> Any:
+        """The next item of the inbox, waiting for it if needed."""
+        inbox = self._inbox
+        if self._expired:
+            raise self._deadline_passed()
+        while not inbox:
+            if self._reader is None:
+                raise RuntimeError("read() before start()")
+            self._waiting = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiting  # a caller's cancel ends this wait, not the read
+            finally:
+                self._waiting = None
+            if self._expired:
+                raise self._deadline_passed()
+        item = inbox[0]
+        if item is _EOF or isinstance(item, BaseException):
+            return item  # the end stays: a read after it sees it again
+        inbox.popleft()
+        self._wake(self._room)
+        return item
 
     async def read(self) -> M | None:
         """The next message, or None at the end; raises the backend's AioRpcError,
         or DeadlineExceeded once the caller's deadline (expires_at) passes."""
-        timeout = None
-        if self._expires_at is not None:
-            timeout = max(0.0, self._expires_at - asyncio.get_running_loop().time())
-        try:
-            message = await self._read_raw(timeout)
-        except grpc.aio.AioRpcError as error:
-            self._end(error.code(), error.trailing_metadata())
-            raise
-        except TimeoutError:
-            self._stop_code = grpc.StatusCode.DEADLINE_EXCEEDED
-            raise DeadlineExceeded("the request's deadline passed before the reply ended") from None
+        message = await self._next()
         if message is _EOF:
             self._end(grpc.StatusCode.OK, await self._call.trailing_metadata())
             return None
+        if isinstance(message, BaseException):
+            if isinstance(message, grpc.aio.AioRpcError):
+                self._end(message.code(), message.trailing_metadata())
+            raise message
         self._core.first_chunk(self.admission)
         return cast(M, message)
 
@@ -145,6 +241,8 @@ class MeteredCall(Generic[M]):
         if self._settled:
             return
         self._settled = True
+        if self._expiry is not None:
+            self._expiry.cancel()
         estimated = False
         try:
             if not self._ended:
@@ -154,21 +252,28 @@ class MeteredCall(Generic[M]):
             if estimated:
                 self.gpu_seconds = await self._estimate()
         finally:  # whatever failed above, the call is billed what is known and freed
+            if self._reader is not None and not self._reader.done():
+                self._reader.cancel()
             code = self.code or code_if_stopped
             await self._core.finish(self.admission, code, self.gpu_seconds, estimated=estimated)
 
     async def _stop(self) -> None:
         """Half-close ("stop now") and wait for the backend's trailer."""
+        self._draining = True
+        self._inbox.clear()
+        self._wake(self._room)
+        if self._reader is None:  # stopped before start(): read the backend's ending anyway
+            self._reader = asyncio.get_running_loop().create_task(self._read_all())
         trailers: Any = ()
         try:
             async with asyncio.timeout(self._core.settle_timeout_s):
                 with contextlib.suppress(Exception):
                     await self._call.done_writing()
-                while await self._read_raw() is not _EOF:
-                    pass  # messages already on their way: nobody reads them now
+                await self._reader  # it reads (and drops) until the end
+            if isinstance(self._failure, grpc.aio.AioRpcError):
+                trailers = self._failure.trailing_metadata()
+            elif self._failure is None:
                 trailers = await self._call.trailing_metadata()
-        except grpc.aio.AioRpcError as error:
-            trailers = error.trailing_metadata()
         except TimeoutError:
             self._call.cancel()
         except (Exception, asyncio.CancelledError):

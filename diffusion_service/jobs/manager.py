@@ -559,6 +559,9 @@ class TrainingManager:
         except Exception:
             log.exception("training job %s: the worker could not run", worker.job_id)
         finally:
+            if worker.proc is not None and worker.proc.returncode is None:
+                worker.kill()  # never leave a worker training for nobody
+                code = await worker.proc.wait()
             self._charge(worker)
             del self._workers[worker.job_id]
             self._metrics.training_running.set(len(self._workers))
@@ -588,7 +591,10 @@ class TrainingManager:
         await asyncio.to_thread(WorkerSpec(job.params, runtime).write, job_dir / "job.json")
         await worker.start(job_dir, s.torch_threads)
         async for event in worker.events():
-            self._on_event(worker, event)
+            try:
+                self._on_event(worker, event)
+            except Exception:  # the store unreachable a moment: the lease decides
+                log.exception("training job %s: recording an event failed", job.job_id)
         assert worker.proc is not None
         return await worker.proc.wait()
 

@@ -173,6 +173,11 @@ async def test_open_webui_lists_only_chat_models_where_the_api_can_say(
     models, _ = await replay(gateway, "openwebui_models_openai", key)
     kinds = {m["id"]: m["kind"] for m in models.json()["data"]}
     assert kinds == {"llava-demo": "chat", "sd-demo": "image"}
+    # Open WebUI keeps models whose info.meta says hidden out of its chat picker.
+    hidden = {
+        m["id"]: m.get("info", {}).get("meta", {}).get("hidden") for m in models.json()["data"]
+    }
+    assert hidden == {"llava-demo": None, "sd-demo": True}
     assert all(m["root"] == m["id"] for m in models.json()["data"])  # vllm bench reads root
     unauthenticated, _ = await replay(gateway, "openwebui_models_openai_verify", "ds_nope")
     assert unauthenticated.status == 401

@@ -315,7 +315,15 @@ def _chat_model(model: vision_pb2.VisionModel) -> dict[str, Any]:
 
 
 def _image_model(model: diffusion_pb2.DiffusionModel) -> dict[str, Any]:
-    return _model_entry(model.name, model.base_model or None, "image", model.demo)
+    entry = _model_entry(model.name, model.base_model or None, "image", model.demo)
+    # Open WebUI reads a model's kind from info.meta and keeps hidden models out of
+    # its chat picker; image generation there is set up apart, by model name.
+    meta = {
+        "hidden": True,
+        "description": "an image model: POST /v1/images/generations; it cannot chat",
+        "capabilities": {"vision": False, "image_generation": True},
+    }
+    return {**entry, "info": {"meta": meta}}
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:

@@ -84,6 +84,8 @@ class TrainingLimits:
     max_resolution: int = 1024
     max_class_images: int = 1000
     max_prior_loss_weight: float = 100.0
+    max_lora_rank: int = setting(128, "largest LoRA rank one job may ask for", minimum=1)
+    max_lora_alpha: float = 1024.0
     images: ImageLimits = field(
         default_factory=lambda: ImageLimits(max_bytes=10 * 1024 * 1024, max_pixels=4096 * 4096)
     )
@@ -158,6 +160,15 @@ class DiffusionSettings:
     )
     max_loaded_models: int = setting(
         2, "pipelines kept in memory (least recently used evicted first)", minimum=1
+    )
+    max_loaded_adapters: int = setting(
+        16,
+        "LoRA adapters kept loaded on each base pipeline (least recently used unloaded first); "
+        "one tenant's adapter is active only in that tenant's generations",
+        minimum=1,
+    )
+    max_adapter_cache_mb: int = setting(
+        512, "MiB of LoRA adapters kept loaded on each base pipeline", minimum=1
     )
     concurrency: int = setting(1, "generations running at once, each in a worker thread", minimum=1)
     max_queue: int = setting(8, "generations waiting for a worker; more are refused", minimum=0)

@@ -10,7 +10,10 @@ TrainingSpec's numbers follow proto3: zero means "not set", so a zero
 ``max_train_steps``, ``learning_rate``, ``prior_loss_weight``,
 ``resolution`` or ``checkpoint_interval`` takes the DreamBooth defaults
 file's value, while ``num_class_images = 0`` turns prior preservation off and
-``train_text_encoder`` is taken as sent.
+``train_text_encoder`` is taken as sent. An unspecified ``kind`` is LoRA;
+the LoRA fields (``rank``, ``lora_alpha``, ``lora_layers``,
+``train_text_encoder_lora``) are refused on a full tune, and
+``train_text_encoder`` (the whole encoder) on a LoRA one.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ from diffusion_service.domain import (
     TrainingInput,
     TrainingJobInfo,
     TrainingStep,
+    TuneKind,
     ValidationImage,
 )
+from diffusion_service.dreambooth.params import UNET_LORA_LAYERS
 from dreamsight_server.errors import InvalidArgument
 from dreamsight_server.images import decode_image
 from dreamsight_server.tenancy import public_source
@@ -67,6 +72,12 @@ _ORIGINS = {
     Origin.PRETRAINED: common_pb2.MODEL_ORIGIN_PRETRAINED,
     Origin.DEMO: common_pb2.MODEL_ORIGIN_DEMO,
     Origin.FINE_TUNED: common_pb2.MODEL_ORIGIN_FINE_TUNED,
+}
+_KINDS = {TuneKind.LORA: diffusion_pb2.TUNE_KIND_LORA, TuneKind.FULL: diffusion_pb2.TUNE_KIND_FULL}
+_KINDS_BACK = {
+    diffusion_pb2.TUNE_KIND_UNSPECIFIED: TuneKind.LORA,
+    diffusion_pb2.TUNE_KIND_LORA: TuneKind.LORA,
+    diffusion_pb2.TUNE_KIND_FULL: TuneKind.FULL,
 }
 
 
@@ -186,6 +197,8 @@ def diffusion_model(info: ModelInfo) -> diffusion_pb2.DiffusionModel:
         default_height=info.default_height,
         job_id=info.job_id,
         source=public_source(info.source),
+        kind=_KINDS[info.kind] if info.kind is not None else diffusion_pb2.TUNE_KIND_UNSPECIFIED,
+        size_bytes=info.size_bytes,
     )
 
 
@@ -256,6 +269,7 @@ def training_input(
         raise InvalidArgument(
             "spec.output_model_name", f"longer than {MAX_MODEL_NAME_CHARS} characters"
         )
+    kind = _lora_checks(spec, limits)
     crid = request.client_request_id
     if len(crid) > MAX_REQUEST_ID_CHARS or not crid.isprintable():
         raise InvalidArgument(
@@ -277,7 +291,44 @@ def training_input(
         validation_prompt=spec.validation_prompt,
         output_model_name=spec.output_model_name,
         client_request_id=crid,
+        kind=kind,
+        rank=spec.rank or None,
+        lora_alpha=float(spec.lora_alpha) or None,
+        lora_layers=tuple(spec.lora_layers),
+        train_text_encoder_lora=spec.train_text_encoder_lora,
     )
+
+
+def _lora_checks(spec: diffusion_pb2.TrainingSpec, limits: TrainingLimits) -> TuneKind:
+    """The kind of tune, after checking the fields that belong to one kind only."""
+    if spec.kind not in _KINDS_BACK:
+        raise InvalidArgument("spec.kind", f"{spec.kind} is not a TuneKind")
+    kind = _KINDS_BACK[spec.kind]
+    if kind is TuneKind.FULL:
+        for name in ("rank", "lora_alpha", "lora_layers", "train_text_encoder_lora"):
+            if getattr(spec, name):
+                raise InvalidArgument(f"spec.{name}", "applies to LoRA only; kind is FULL")
+        return kind
+    if spec.train_text_encoder:
+        raise InvalidArgument(
+            "spec.train_text_encoder",
+            "trains the whole text encoder, which only kind FULL does; a LoRA job sets "
+            "train_text_encoder_lora",
+        )
+    if spec.rank > limits.max_lora_rank:
+        raise InvalidArgument(
+            "spec.rank", f"{spec.rank} is over the limit of {limits.max_lora_rank} (0: default)"
+        )
+    _optional_number("spec.lora_alpha", spec.lora_alpha, limits.max_lora_alpha)
+    if len(spec.lora_layers) > len(UNET_LORA_LAYERS):
+        raise InvalidArgument("spec.lora_layers", f"at most {len(UNET_LORA_LAYERS)} names")
+    for i, layer in enumerate(spec.lora_layers):
+        if layer not in UNET_LORA_LAYERS:
+            raise InvalidArgument(
+                f"spec.lora_layers[{i}]",
+                f"{layer[:40]!r} is not one of {', '.join(UNET_LORA_LAYERS)}",
+            )
+    return kind
 
 
 def _optional_number(field: str, value: float, maximum: float) -> float | None:
@@ -315,6 +366,11 @@ def training_job(info: TrainingJobInfo) -> diffusion_pb2.TrainingJob:
             checkpoint_interval=s.checkpoint_interval,
             validation_prompt=s.validation_prompt,
             output_model_name=s.output_model_name,
+            kind=_KINDS[s.kind],
+            rank=s.rank,
+            lora_alpha=s.lora_alpha,
+            lora_layers=s.lora_layers,
+            train_text_encoder_lora=s.train_text_encoder_lora,
         ),
         step=info.step,
         create_time=_timestamp(info.create_time),

@@ -16,6 +16,15 @@ class Scheduler(Enum):
     PNDM = "pndm"
 
 
+class TuneKind(Enum):
+    """The kind of a fine-tune; the values are what job params store."""
+
+    LORA = "lora"
+    """Low-rank adapters, served on the loaded base pipeline."""
+    FULL = "full"
+    """Every UNet weight (and the text encoder's when trained)."""
+
+
 class Origin(Enum):
     """Where a model's weights came from."""
 
@@ -92,6 +101,10 @@ class ModelInfo:
     job_id: str = ""
     owner: str = ""
     """The owning tenant of a fine-tuned model; empty for base models."""
+    kind: TuneKind | None = None
+    """A fine-tuned model's kind; None for base models."""
+    size_bytes: int = 0
+    """Bytes on disk of what a fine-tune exported; 0 for base models."""
 
     @property
     def fine_tuned(self) -> bool:
@@ -140,6 +153,13 @@ class TrainingInput:
     output_model_name: str = ""
     """Empty lets the service choose."""
     client_request_id: str = ""
+    kind: TuneKind = TuneKind.LORA
+    rank: int | None = None
+    lora_alpha: float | None = None
+    """None takes the rank."""
+    lora_layers: tuple[str, ...] = ()
+    """Empty takes the defaults file's."""
+    train_text_encoder_lora: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +179,11 @@ class TrainingSettingsView:
     checkpoint_interval: int
     validation_prompt: str
     output_model_name: str
+    kind: TuneKind = TuneKind.FULL
+    rank: int = 0
+    lora_alpha: float = 0.0
+    lora_layers: tuple[str, ...] = ()
+    train_text_encoder_lora: bool = False
 
 
 @dataclass(frozen=True)

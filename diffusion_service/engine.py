@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from diffusion_service.adapters import AdapterGone, AdapterRef, AdapterSlots
 from diffusion_service.config import DiffusionSettings
 from diffusion_service.domain import (
     GenerateDone,
@@ -54,6 +55,7 @@ from diffusion_service.pipelines import (
     LoadedModel,
     PipelineCache,
     RenderParams,
+    load_full_tune,
     load_pipeline,
     render,
     resolve_device,
@@ -169,7 +171,7 @@ class DiffusersEngine:
         self._metrics = metrics
         self.registry = registry or ModelRegistry()
         self.meter = GpuSecondsMeter(devices=settings.devices_per_worker)
-        self._cache = PipelineCache(settings.max_loaded_models, self._load, self._cache_changed)
+        self._cache = PipelineCache(settings.max_loaded_models, self._cache_changed)
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._executor: ThreadPoolExecutor | None = None
         self._device = "cpu"
@@ -220,7 +222,7 @@ class DiffusersEngine:
         for model in s.models:
             self.registry.add_base(model)
         default = self.registry.resolve("", "")
-        self._cache.get(default.info.name, default.source)
+        self._loaded_for(default)
         log.info("diffusion engine ready: %s on %s", default.info.name, self._device)
 
     def shutdown(self) -> None:
@@ -247,8 +249,17 @@ class DiffusersEngine:
 
     def delete_model(self, name: str, tenant: str) -> None:
         self._check_ready()
-        self.registry.delete(name, tenant)
-        self._cache.evict(name)
+        entry = self.registry.delete(name, tenant)
+        if entry.adapter:
+            # Waits for generations running on it; nothing runs on it afterwards.
+            for model in self._cache.models():
+                model.adapters.unload(entry.source)
+        else:
+            self._cache.evict(name)
+
+    def loaded_adapters(self) -> list[str]:
+        """Adapter directories loaded on any base pipeline."""
+        return [source for m in self._cache.models() for source in m.adapters.loaded()]
 
     async def generate(
         self, request: GenerateInput, tenant: str
@@ -358,12 +369,35 @@ class DiffusersEngine:
         per_worker = (self._waiting + self._running) / self._settings.concurrency
         return max(0.1, round(self._typical_s * per_worker / 2, 1))
 
-    def _load(self, name: str, source: str) -> LoadedModel:
+    def _load(self, entry: ModelEntry) -> LoadedModel:
         started = time.monotonic()
-        pipeline = load_pipeline(source, self._device, self._dtype)
+        tune = entry.tune
+        if tune is not None and not entry.adapter:
+            pipeline = load_full_tune(
+                entry.base_source, entry.source, tune.parts, tune.scheduler_overrides,
+                self._device, self._dtype,
+            )  # fmt: skip
+        else:
+            pipeline = load_pipeline(entry.source, self._device, self._dtype)
         self._metrics.model_loads.inc()
-        log.info("loaded model %s from %s in %.1fs", name, source, time.monotonic() - started)
-        return LoadedModel(name=name, pipeline=pipeline)
+        name = entry.info.name
+        log.info("loaded model %s in %.1fs", name, time.monotonic() - started)
+        s = self._settings
+        adapters = AdapterSlots(
+            pipeline, s.max_loaded_adapters, s.max_adapter_cache_mb * 2**20,
+            self._metrics.adapter_loads.inc,
+        )  # fmt: skip
+        return LoadedModel(name=name, pipeline=pipeline, adapters=adapters)
+
+    def _loaded_for(self, entry: ModelEntry) -> LoadedModel:
+        """The pipeline an entry runs on: its own, or its base's for an adapter."""
+        if entry.adapter:
+            base = self.registry.get(entry.info.base_model, "")
+            if base is None:
+                raise NotFound(f"base model {entry.info.base_model!r} not found")
+            entry = base
+        target = entry
+        return self._cache.get(entry.info.name, entry.source, lambda: self._load(target))
 
     def _cache_changed(self, loaded: int) -> None:
         self._metrics.models_loaded.set(loaded)
@@ -378,13 +412,18 @@ class DiffusersEngine:
                 raise NotFound(f"model {generation.entry.info.name!r} was deleted")
             self.meter.start(generation.id)
             try:
-                model = self._cache.get(generation.entry.info.name, generation.entry.source)
-                if generation.cancelled.is_set():
-                    raise _Stopped
-                generation.last_mark = time.monotonic()
-                pngs = render(
-                    model, generation.params, lambda counts: self._evaluated(generation, counts)
-                )
+                entry = generation.entry
+                model = self._loaded_for(entry)
+                adapter = AdapterRef(entry.source, entry.info.size_bytes) if entry.adapter else None
+                with model.adapters.use(adapter, lambda: self.registry.contains(entry)):
+                    if generation.cancelled.is_set():
+                        raise _Stopped
+                    generation.last_mark = time.monotonic()
+                    pngs = render(
+                        model, generation.params, lambda counts: self._evaluated(generation, counts)
+                    )
+            except AdapterGone:
+                raise NotFound(f"model {generation.entry.info.name!r} was deleted") from None
             finally:
                 gpu_seconds = generation.gpu_seconds = self.meter.finish(generation.id)
                 self._metrics.gpu_seconds.inc(gpu_seconds)

@@ -67,6 +67,11 @@ class DiffusionMetrics:
             "Pipelines loaded (a reload after eviction counts again)",
             registry=registry,
         )
+        self.adapter_loads = Counter(
+            "dreamsight_diffusion_adapter_loads_total",
+            "LoRA adapters loaded onto a base pipeline (a reload after unloading counts again)",
+            registry=registry,
+        )
         self.training_jobs = Counter(
             "dreamsight_diffusion_training_jobs_total",
             "Training jobs that ended, by final state (succeeded, failed or cancelled)",

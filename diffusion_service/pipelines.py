@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffusion_service.adapters import AdapterSlots
 from diffusion_service.domain import Scheduler
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class LoadedModel:
 
     name: str
     pipeline: Any
+    adapters: AdapterSlots
+    """The LoRA adapters on this pipeline; every generation runs through its gate."""
     text_lock: threading.Lock = field(default_factory=threading.Lock)
     _prototypes: dict[Scheduler | None, Any] = field(default_factory=dict)
     _proto_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,6 +108,36 @@ def load_pipeline(source: str, device: str, dtype: Any) -> Any:
     return pipe
 
 
+def load_full_tune(
+    base_source: str,
+    tune_dir: str,
+    parts: tuple[str, ...],
+    overrides: dict[str, Any],
+    device: str,
+    dtype: Any,
+) -> Any:
+    """A full tune's pipeline: its changed parts over its base model's others."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    changed: dict[str, Any] = {}
+    if "unet" in parts:
+        changed["unet"] = UNet2DConditionModel.from_pretrained(
+            tune_dir, subfolder="unet", dtype=dtype
+        )
+    if "text_encoder" in parts:
+        changed["text_encoder"] = CLIPTextModel.from_pretrained(
+            tune_dir, subfolder="text_encoder", dtype=dtype
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(base_source, dtype=dtype, **changed)
+    if overrides:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
+    if device != "cpu":
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class PipelineCache:
     """Loaded pipelines, at most ``capacity``, least recently used evicted.
 
@@ -118,20 +151,16 @@ class PipelineCache:
     """
 
     def __init__(
-        self,
-        capacity: int,
-        loader: Callable[[str, str], LoadedModel],
-        on_change: Callable[[int], None] = lambda loaded: None,
+        self, capacity: int, on_change: Callable[[int], None] = lambda loaded: None
     ) -> None:
         self._capacity = capacity
-        self._loader = loader
         self._on_change = on_change
         self._lock = threading.Lock()
         self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._loading: dict[tuple[str, str], threading.Lock] = {}
 
-    def get(self, name: str, source: str) -> LoadedModel:
-        """The loaded model, loading it (and evicting another) if needed."""
+    def get(self, name: str, source: str, load: Callable[[], LoadedModel]) -> LoadedModel:
+        """The loaded model, loading it with ``load`` (and evicting another) if needed."""
         key = (name, source)
         with self._lock:
             hit = self._loaded.get(key)
@@ -145,7 +174,7 @@ class PipelineCache:
                 if hit is not None:
                     self._loaded.move_to_end(key)
                     return hit
-            model = self._loader(name, source)
+            model = load()
             with self._lock:
                 self._loaded[key] = model
                 while len(self._loaded) > self._capacity:
@@ -163,6 +192,11 @@ class PipelineCache:
                 del self._loaded[key]
             count = len(self._loaded)
         self._on_change(count)
+
+    def models(self) -> list[LoadedModel]:
+        """The loaded models, least recently used first."""
+        with self._lock:
+            return list(self._loaded.values())
 
     def loaded(self) -> list[str]:
         """Loaded models' names, least recently used first."""

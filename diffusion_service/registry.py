@@ -20,7 +20,10 @@ it, so no replica needs a restart.
 Registering reads the model's configs and tokenizer (small files, no
 weights): the default image size comes from the UNet's sample size times
 the VAE's downsampling, and the tokenizer checks prompt lengths before a
-request is queued. Weights are loaded later, on demand, by
+request is queued. A fine-tune with a tune manifest (a LoRA adapter, or a
+full tune's changed parts: see :mod:`diffusion_service.tunes`) is
+described by its base model and sized on disk; a whole pipeline directory
+is described by itself. Weights are loaded later, on demand, by
 :class:`diffusion_service.pipelines.PipelineCache`.
 """
 
@@ -35,7 +38,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from diffusion_service.config import BaseModel
-from diffusion_service.domain import ModelInfo, Origin
+from diffusion_service.domain import ModelInfo, Origin, TuneKind
+from diffusion_service.tunes import TuneManifest, disk_size, read_manifest
 from dreamsight_server.demo_marker import read_marker
 from dreamsight_server.errors import FailedPrecondition, NotFound, PermissionDenied
 
@@ -97,6 +101,15 @@ class ModelEntry:
     source: str
     """Where the weights are: a directory or hub id (also for fine-tuned models)."""
     description: Description
+    tune: TuneManifest | None = None
+    """A fine-tune's manifest; None for base models and whole pipelines."""
+    base_source: str = ""
+    """A fine-tune's base model's directory or hub id."""
+
+    @property
+    def adapter(self) -> bool:
+        """Whether this is a LoRA adapter served on its base pipeline."""
+        return self.tune is not None and self.tune.tune_kind is TuneKind.LORA
 
 
 def describe(source: str) -> Description:
@@ -195,9 +208,11 @@ class ModelRegistry:
             if name in self._base or key in self._fine_tuned:
                 raise FailedPrecondition(f"model {name!r} already exists")
         try:
-            desc = self._describe(str(path))
+            tune = read_manifest(Path(path))
+            desc = base.description if tune is not None else self._describe(str(path))
+            size = disk_size(Path(path))
         except (OSError, ValueError) as error:
-            raise FailedPrecondition(f"{path} is not a Stable Diffusion pipeline") from error
+            raise FailedPrecondition(f"{path} is not a fine-tune or a pipeline") from error
         info = ModelInfo(
             name=name,
             origin=Origin.FINE_TUNED,
@@ -208,6 +223,8 @@ class ModelRegistry:
             base_model=base_model,
             job_id=job_id,
             owner=owner_tenant,
+            kind=tune.tune_kind if tune is not None else TuneKind.FULL,
+            size_bytes=size,
         )
         with self._lock:
             if name in self._base or key in self._fine_tuned:
@@ -216,7 +233,7 @@ class ModelRegistry:
                 self._persistence.save(
                     SavedRegistration(name, str(path), owner_tenant, base_model, job_id)
                 )
-            self._fine_tuned[key] = ModelEntry(info, str(path), desc)
+            self._fine_tuned[key] = ModelEntry(info, str(path), desc, tune, base.source)
         return info
 
     def restore(self) -> int:

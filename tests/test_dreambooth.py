@@ -433,7 +433,7 @@ def test_trainer_options_run_end_to_end(sd_dir: Path, tmp_path: Path) -> None:
     assert not events.of(ClassImagesDrawn), "no prior preservation, no class images"
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["last.ckpt", "step-000002.ckpt"]
-    assert (tmp_path / "export" / "model_index.json").is_file()
+    assert (tmp_path / "export" / "dreamsight_tune.json").is_file()
 
 
 def test_defaults_file_is_strict(tmp_path: Path) -> None:
@@ -594,6 +594,17 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("model name with a path", {"output_model_name": "../../etc"}, "spec.output_model_name"),
     ("taken model name", {"output_model_name": "sd-demo"}, "FAILED_PRECONDITION"),
     ("unknown base model", {"base_model": "nope"}, "NOT_FOUND"),
+    ("unknown kind", {"kind": 7}, "spec.kind"),
+    ("LoRA rank too high", {"rank": 129}, "spec.rank"),
+    ("LoRA alpha NaN", {"lora_alpha": math.nan}, "spec.lora_alpha"),
+    ("unknown LoRA layer", {"lora_layers": ["to_q", "nope"]}, "spec.lora_layers[1]"),
+    ("whole text encoder on a LoRA job", {"train_text_encoder": True}, "spec.train_text_encoder"),
+    (
+        "text-encoder LoRA on a full tune",
+        {"kind": diffusion_pb2.TUNE_KIND_FULL, "train_text_encoder_lora": True},
+        "spec.train_text_encoder_lora",
+    ),
+    ("LoRA rank on a full tune", {"kind": diffusion_pb2.TUNE_KIND_FULL, "rank": 8}, "spec.rank"),
 ]
 
 
@@ -666,9 +677,11 @@ async def test_create_is_idempotent_and_the_tier_limit_holds(training: Training)
 
 
 async def test_job_trains_exports_and_its_model_generates(training: Training, sd_dir: Path) -> None:
+    """A full tune (the LoRA kind has its own tests in test_lora_tunes.py)."""
     job = await create(
         training,
         "alice",
+        kind=diffusion_pb2.TUNE_KIND_FULL,
         num_class_images=2,
         class_prompt="a photo of a dog",
         train_text_encoder=True,
@@ -677,6 +690,7 @@ async def test_job_trains_exports_and_its_model_generates(training: Training, sd
     )
     assert job.spec.max_train_steps == 4 and job.spec.checkpoint_interval == 2, "from the YAML"
     assert job.spec.learning_rate == pytest.approx(1e-4)
+    assert job.spec.kind == diffusion_pb2.TUNE_KIND_FULL and job.spec.rank == 0
     events = await watch(training, job.job_id, "alice")
     assert events[0].WhichOneof("event") == "queued"
     classes = kinds(events, "class_images")
@@ -717,10 +731,14 @@ async def test_job_trains_exports_and_its_model_generates(training: Training, sd
     result = await generate(training, "alice", "alice-dog")
     assert result.model == "alice-dog" and len(result.images) == 1
 
+    # Only what changed is exported; the rest comes from the base.
     model_dir_ = model_dir(training, "alice", "alice-dog")
-    for part, changed in [("unet", True), ("text_encoder", True), ("vae", False)]:
-        same = same_weights(weights(model_dir_, part), weights(sd_dir, part))
-        assert same != changed, part
+    for part in ("unet", "text_encoder"):
+        assert not same_weights(weights(model_dir_, part), weights(sd_dir, part)), part
+    exported = sorted(p.name for p in model_dir_.iterdir())
+    assert exported == ["dreamsight_tune.json", "text_encoder", "unet"]
+    assert mine.kind == diffusion_pb2.TUNE_KIND_FULL
+    assert mine.size_bytes == sum(p.stat().st_size for p in model_dir_.rglob("*") if p.is_file())
     job_dir = training.files.job_dir(job.job_id)
     assert list((job_dir / "tensorboard" / "run").glob("events.out.tfevents.*"))
     assert not (job_dir / "checkpoints").exists() and not (job_dir / "instance").exists()
@@ -747,7 +765,6 @@ async def test_a_second_job_of_the_same_class_reuses_its_images(
         num_class_images=2,
         class_prompt="a photo of a dog",
         max_train_steps=2,
-        train_text_encoder=False,
         output_model_name="alice-dog-2",
     )
     events = await watch(training, job.job_id, "alice")
@@ -755,9 +772,11 @@ async def test_a_second_job_of_the_same_class_reuses_its_images(
     assert [(c.done, c.total) for c in kinds(events, "class_images")] == [(2, 2)], "all cached"
     assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == before
     assert [p for p in cache.iterdir() if p.is_dir()] == [entry]
+    # A LoRA job (the default kind) with class priors: only the adapter is exported.
     exported = model_dir(training, "alice", "alice-dog-2")
-    assert not same_weights(weights(exported, "unet"), weights(sd_dir, "unet"))
-    assert same_weights(weights(exported, "text_encoder"), weights(sd_dir, "text_encoder"))
+    names = sorted(p.name for p in exported.iterdir())
+    assert names == ["dreamsight_tune.json", "pytorch_lora_weights.safetensors"]
+    assert (await get(training, job.job_id, "alice")).spec.kind == diffusion_pb2.TUNE_KIND_LORA
 
 
 async def test_other_tenants_cannot_see_or_touch_a_job_or_its_model(training: Training) -> None:

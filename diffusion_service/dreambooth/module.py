@@ -4,10 +4,15 @@ The loss of a batch is the diffusers script's: mean squared error between
 the UNet's prediction and its target (the noise, or the velocity for
 v-prediction models) on the instance half, optionally Min-SNR weighted,
 plus ``prior_loss_weight`` times the plain error on the class half when
-prior preservation is on. The UNet is trained, the text encoder too when the
-job asks for it; the VAE is frozen: no gradients, always in eval mode,
-outside the optimizer and left out of checkpoints (it never changes, and
-the export takes it from the base model).
+prior preservation is on.
+
+A full tune trains every UNet weight, the text encoder's too when the job
+asks for it. A LoRA tune freezes both and trains peft adapters added to
+them (``add_adapter`` with a ``LoraConfig``, as diffusers'
+``train_dreambooth_lora.py``: gaussian init, so the adapted model starts as
+the base). The VAE is always frozen: no gradients, in eval mode, outside
+the optimizer. Checkpoints hold only what is trained (the adapters of a
+LoRA tune); frozen weights come from the base model on resume and export.
 
 Both prompts are encoded once per step in one text-encoder pass and each
 example takes its prompt's row: the same gradients as encoding every
@@ -23,6 +28,22 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_service.dreambooth.params import JobParams
+
+
+def add_lora(unet: Any, text_encoder: Any, params: JobParams) -> None:
+    """Freeze the UNet (and text encoder) and give them trainable peft adapters."""
+    from peft import LoraConfig
+
+    from diffusion_service.dreambooth.params import TEXT_ENCODER_LORA_LAYERS
+
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    config = {"r": params.rank, "lora_alpha": params.lora_alpha, "init_lora_weights": "gaussian"}
+    unet.add_adapter(LoraConfig(target_modules=list(params.lora_layers), **config))
+    if params.train_text_encoder_lora:
+        text_encoder.add_adapter(
+            LoraConfig(target_modules=list(TEXT_ENCODER_LORA_LAYERS), **config)
+        )
 
 
 # pytorch_lightning is untyped to mypy here (see pyproject): a subclass of Any.
@@ -47,41 +68,48 @@ class DreamBoothModule(pl.LightningModule):  # type: ignore[misc]
         self.params = params
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         self.vae.requires_grad_(False)
-        self.text_encoder.requires_grad_(params.train_text_encoder)
-        self.unet.requires_grad_(True)
+        if params.lora:
+            add_lora(unet, text_encoder, params)
+        else:
+            self.text_encoder.requires_grad_(params.train_text_encoder)
+            self.unet.requires_grad_(True)
         if params.trainer.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if params.train_text_encoder:
+            if self.trains_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
         # Frozen weights stay out of checkpoints (see on_save_checkpoint).
         self.strict_loading = False
         self.scaling_factor = float(vae.config.scaling_factor)
         self.train()
 
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder (or its adapters) is trained."""
+        p = self.params
+        return p.train_text_encoder_lora if p.lora else p.train_text_encoder
+
     def train(self, mode: bool = True) -> DreamBoothModule:
         """Lightning puts the module in train mode; the frozen parts stay in eval."""
         super().train(mode)
         self.vae.eval()
-        if not self.params.train_text_encoder:
+        if not self.trains_text_encoder:
             self.text_encoder.eval()
         return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """What the optimizer updates: the UNet, and the text encoder if trained."""
-        params = list(self.unet.parameters())
-        if self.params.train_text_encoder:
-            params += list(self.text_encoder.parameters())
-        return params
-
-    def _frozen_prefixes(self) -> tuple[str, ...]:
-        return ("vae.",) if self.params.train_text_encoder else ("vae.", "text_encoder.")
+        """What the optimizer updates: the UNet (or its adapters), and the
+        text encoder (or its adapters) if trained."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trained weights in checkpoints (frozen ones come from the base)."""
-        frozen = self._frozen_prefixes()
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(frozen)]:
-            del state[key]
+        if self.params.lora:
+            trained = {name for name, p in self.named_parameters() if p.requires_grad}
+            kept = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        else:
+            frozen = ("vae.",) if self.trains_text_encoder else ("vae.", "text_encoder.")
+            kept = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        checkpoint["state_dict"] = kept
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scaled latents of the batch: sampled from the cached distribution,
@@ -109,7 +137,7 @@ class DreamBoothModule(pl.LightningModule):  # type: ignore[misc]
         ).long()
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         # Row 0 is the instance prompt, row 1 the class prompt.
-        with torch.set_grad_enabled(self.params.train_text_encoder and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.trains_text_encoder and torch.is_grad_enabled()):
             encoded = self.text_encoder(self.prompt_ids)[0]
         which = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
         which[num_instance:] = 1

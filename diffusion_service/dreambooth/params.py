@@ -31,6 +31,28 @@ LR_SCHEDULERS = (
     "polynomial",
 )
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+LORA = "lora"
+FULL = "full"
+TUNE_KINDS = (LORA, FULL)
+UNET_LORA_LAYERS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_k_proj",
+    "add_v_proj",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+)
+"""UNet module names a job may put adapters on (Stable Diffusion's)."""
+TEXT_ENCODER_LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
+"""Where text-encoder adapters go (the diffusers LoRA script's choice)."""
 
 T = TypeVar("T")
 
@@ -102,6 +124,25 @@ class DrawSettings:
 
 
 @dataclass(frozen=True)
+class LoraDefaults:
+    """What a LoRA job takes when its TrainingSpec leaves a LoRA field unset."""
+
+    rank: int = 4
+    learning_rate: float = 1e-4
+    """LoRA trains far fewer weights and takes a higher rate (the script's README)."""
+    lora_layers: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        _at_least("lora.rank", self.rank, 1)
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError("lora.learning_rate must be a positive number")
+        unknown = [m for m in self.lora_layers if m not in UNET_LORA_LAYERS]
+        if not self.lora_layers or unknown:
+            raise ValueError(f"lora.lora_layers must be some of {', '.join(UNET_LORA_LAYERS)}")
+
+
+@dataclass(frozen=True)
 class Defaults:
     """The defaults file: job-level defaults and operator-only settings."""
 
@@ -110,6 +151,7 @@ class Defaults:
     prior_loss_weight: float = 1.0
     resolution: int | None = None
     checkpoint_interval: int = 100
+    lora: LoraDefaults = field(default_factory=LoraDefaults)
     trainer: TrainerOptions = field(default_factory=TrainerOptions)
     class_images: DrawSettings = field(default_factory=DrawSettings)
     validation: DrawSettings = field(
@@ -128,6 +170,7 @@ class Defaults:
             raise ValueError("learning_rate must be a positive number")
         if not (math.isfinite(self.prior_loss_weight) and self.prior_loss_weight > 0):
             raise ValueError("prior_loss_weight must be a positive number")
+        self.lora.check()
         self.trainer.check()
         self.class_images.check("class_images")
         self.validation.check("validation")
@@ -173,6 +216,16 @@ class JobParams:
     seed: int
     checkpoint_interval: int
     num_instance_images: int
+    kind: str = FULL
+    """``lora`` or ``full``; FULL by default for jobs stored before LoRA existed
+    (a new job's kind is always resolved explicitly)."""
+    rank: int = 0
+    """LoRA rank (0 for a full tune)."""
+    lora_alpha: float = 0.0
+    """LoRA scaling alpha (0 for a full tune)."""
+    lora_layers: tuple[str, ...] = ()
+    """UNet modules with adapters (empty for a full tune)."""
+    train_text_encoder_lora: bool = False
     trainer: TrainerOptions = field(default_factory=TrainerOptions)
     class_images: DrawSettings = field(default_factory=DrawSettings)
     validation: DrawSettings = field(default_factory=DrawSettings)
@@ -181,6 +234,11 @@ class JobParams:
     def with_prior(self) -> bool:
         """Whether class-prior preservation is on."""
         return self.num_class_images > 0
+
+    @property
+    def lora(self) -> bool:
+        """Whether the job trains LoRA adapters (else every UNet weight)."""
+        return self.kind == LORA
 
     @property
     def warmup_steps(self) -> int:
@@ -265,6 +323,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _coerce(inner, value, where)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)  # type: ignore[arg-type]
+    if origin is tuple:
+        (inner, _) = typing.get_args(hint)  # tuple[X, ...]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true or false, got {value!r}")

@@ -25,6 +25,7 @@ draws class images, renders validation images and exports.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -59,6 +60,7 @@ from diffusion_service.jobs.worker_events import (
     ValidationRendered,
     WorkerEvent,
 )
+from diffusion_service.tunes import TuneManifest
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +374,7 @@ def run_job(spec: WorkerSpec, job_dir: Path, events: Events | None, control: Con
     if trainer.global_step < params.max_train_steps:
         return "stopped"
     if trainer.is_global_zero:
-        export(parts, module, Path(runtime.export_dir))
+        export(parts, module, Path(runtime.export_dir), runtime.job_id)
         if events is not None:
             events.emit(Exported(trainer.global_step))
     return "exported"
@@ -490,27 +492,55 @@ def build_trainer(
     )
 
 
-def export(parts: Components, module: DreamBoothModule, out: Path) -> None:
-    """Write a diffusers pipeline: the base's VAE, tokenizer, scheduler and
-    any safety checker, with the trained UNet and text encoder."""
-    from diffusers import StableDiffusionPipeline
-
+def export(parts: Components, module: DreamBoothModule, out: Path, job_id: str) -> None:
+    """Write what the job changed: the adapters in diffusers' LoRA format, or
+    a full tune's UNet (and text encoder), with the manifest (see tunes)."""
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)
     module.cpu()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        parts.source,
-        unet=module.unet,
-        text_encoder=module.text_encoder,
-        vae=module.vae,
-        tokenizer=parts.tokenizer,
+    params = module.params
+    manifest = TuneManifest(kind=params.kind, base_model=params.base_model, job_id=job_id)
+    if params.lora:
+        _export_lora(module, out)
+        manifest = dataclasses.replace(
+            manifest,
+            rank=params.rank,
+            lora_alpha=params.lora_alpha,
+            lora_layers=params.lora_layers,
+            text_encoder_lora=params.train_text_encoder_lora,
+        )
+    else:
+        module.unet.save_pretrained(out / "unet", safe_serialization=True)
+        parts_saved: tuple[str, ...] = ("unet",)
+        if params.train_text_encoder:
+            module.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+            parts_saved += ("text_encoder",)
+        # Trained on the simplified objective, so a learned variance is ignored
+        # (as the diffusers script does).
+        overrides = {}
+        if parts.sampler_config.get("variance_type") in ("learned", "learned_range"):
+            overrides["variance_type"] = "fixed_small"
+        manifest = dataclasses.replace(manifest, parts=parts_saved, scheduler_overrides=overrides)
+    manifest.write(out)
+
+
+def _export_lora(module: DreamBoothModule, out: Path) -> None:
+    """diffusers' own LoRA export, as its train_dreambooth_lora.py does it."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet, encoder = module.unet, module.text_encoder
+    text_layers = text_metadata = None
+    if module.params.train_text_encoder_lora:
+        text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+        text_metadata = encoder.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        text_encoder_lora_layers=text_layers,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=text_metadata,
+        safe_serialization=True,
     )
-    # Trained on the simplified objective, so a learned variance is ignored
-    # (as the diffusers script does).
-    extra = {}
-    variance = pipe.scheduler.config.get("variance_type")
-    if variance in ("learned", "learned_range"):
-        extra["variance_type"] = "fixed_small"
-    if extra:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **extra)
-    pipe.save_pretrained(out, safe_serialization=True)

@@ -6,11 +6,12 @@ on another replica finds its checkpoints there, and a model trained on one
 is served by all): ``jobs/<job_id>/`` (the instance images, job.json, checkpoints,
 TensorBoard logs, validation images and the worker's log),
 ``class-images/<key>/`` (the class-prior cache shared by all jobs) and
-``models/<name>/`` (fine-tuned pipelines; ``.partial-<job_id>`` while a
-worker writes one). Job ids come from ``secrets.token_urlsafe`` and model
-names must match :data:`FINE_TUNED_NAME`, and every path is made by
-:func:`child`, which refuses a name that could leave its directory, so no id
-or name from a caller ever reaches a path outside it.
+``models/<name>/`` (fine-tunes as :mod:`diffusion_service.tunes` describes
+them; ``.partial-<job_id>`` while a worker writes one). Job ids come from
+``secrets.token_urlsafe`` and model names must match :data:`FINE_TUNED_NAME`,
+and every path is made by :func:`child`, which refuses a name that could
+leave its directory, so no id or name from a caller ever reaches a path
+outside it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from diffusion_service.jobs.store import JobStore, SavedModel
 from diffusion_service.registry import SavedRegistration
+from diffusion_service.tunes import is_export
 from dreamsight_server.errors import FailedPrecondition
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{22}")
@@ -100,7 +102,7 @@ def write_images(directory: Path, images: tuple[bytes, ...]) -> None:
 
 def move_into_place(partial: Path, final: Path) -> None:
     """Make a worker's finished export the model directory, in one rename."""
-    if not (partial / "model_index.json").is_file():
+    if not is_export(partial):
         raise FailedPrecondition("the worker reported an export that is not there")
     if final.exists():  # left by an attempt that died before registering it
         shutil.rmtree(final)

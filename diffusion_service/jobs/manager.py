@@ -66,6 +66,7 @@ from diffusion_service.domain import (
     TrainingJobInfo,
     TrainingSettingsView,
     TrainingStep,
+    TuneKind,
     ValidationImage,
 )
 from diffusion_service.dreambooth.params import Defaults, JobParams, WorkerRuntime, WorkerSpec
@@ -744,7 +745,9 @@ class TrainingManager:
 def _shown(params: JobParams) -> dict[str, Any]:
     """The job parameters a TrainingSettingsView reports, by field name."""
     named = {f.name for f in fields(TrainingSettingsView)} - {"output_model_name"}
-    return {name: getattr(params, name) for name in named}
+    shown = {name: getattr(params, name) for name in named}
+    shown["kind"] = TuneKind(params.kind)
+    return shown
 
 
 def _model_dir_name(name: str, job_id: str) -> str:

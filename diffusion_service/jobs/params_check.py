@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from diffusion_service.config import TrainingLimits
-from diffusion_service.domain import TrainingInput
+from diffusion_service.domain import TrainingInput, TuneKind
 from diffusion_service.dreambooth.params import Defaults, JobParams
 from diffusion_service.jobs.artifacts import FINE_TUNED_NAME
 from diffusion_service.jobs.store import JobStore
@@ -64,6 +64,9 @@ def resolve_params(
             "it; choose another name"
         )
     steps = request.max_train_steps or d.max_train_steps
+    lora = request.kind is TuneKind.LORA
+    rank = (request.rank or d.lora.rank) if lora else 0
+    default_rate = d.lora.learning_rate if lora else d.learning_rate
     params = JobParams(
         base_model=entry.info.name,
         instance_prompt=request.instance_prompt,
@@ -72,12 +75,17 @@ def resolve_params(
         num_class_images=request.num_class_images,
         prior_loss_weight=request.prior_loss_weight or d.prior_loss_weight,
         max_train_steps=steps,
-        learning_rate=request.learning_rate or d.learning_rate,
+        learning_rate=request.learning_rate or default_rate,
         train_text_encoder=request.train_text_encoder,
         resolution=resolution,
         seed=request.seed,
         checkpoint_interval=request.checkpoint_interval or d.checkpoint_interval,
         num_instance_images=len(request.instance_images),
+        kind=request.kind.value,
+        rank=rank,
+        lora_alpha=(request.lora_alpha or float(rank)) if lora else 0.0,
+        lora_layers=(request.lora_layers or d.lora.lora_layers) if lora else (),
+        train_text_encoder_lora=lora and request.train_text_encoder_lora,
         trainer=d.trainer,
         class_images=d.class_images,
         validation=d.validation,

@@ -379,8 +379,19 @@ class Client(_Common):
         checkpoint_interval: int | None = None,
         validation_prompt: str = "",
         output_model_name: str = "",
+        kind: Literal["lora", "full"] | None = None,
+        rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_layers: Sequence[str] | None = None,
+        train_text_encoder_lora: bool | None = None,
     ) -> TrainingJobHandle:
-        """Start a DreamBooth job; retries never create a second job."""
+        """Start a DreamBooth job; retries never create a second job.
+
+        ``kind`` is "lora" (the service's default: a small adapter served on
+        the base model) or "full"; ``rank``, ``lora_alpha``, ``lora_layers``
+        and ``train_text_encoder_lora`` apply to LoRA only, and
+        ``train_text_encoder`` (the whole encoder) to a full tune only.
+        """
         spec = _convert.training_spec(
             instance_images=instance_images,
             base_model=base_model,
@@ -396,6 +407,11 @@ class Client(_Common):
             checkpoint_interval=checkpoint_interval,
             validation_prompt=validation_prompt,
             output_model_name=output_model_name,
+            kind=kind,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            lora_layers=list(lora_layers) if lora_layers is not None else None,
+            train_text_encoder_lora=train_text_encoder_lora,
         )
         request = diffusion_pb2.CreateTrainingJobRequest(
             spec=spec, client_request_id=uuid.uuid4().hex
@@ -753,8 +769,19 @@ class AsyncClient(_Common):
         checkpoint_interval: int | None = None,
         validation_prompt: str = "",
         output_model_name: str = "",
+        kind: Literal["lora", "full"] | None = None,
+        rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_layers: Sequence[str] | None = None,
+        train_text_encoder_lora: bool | None = None,
     ) -> AsyncTrainingJobHandle:
-        """Start a DreamBooth job; retries never create a second job."""
+        """Start a DreamBooth job; retries never create a second job.
+
+        ``kind`` is "lora" (the service's default: a small adapter served on
+        the base model) or "full"; ``rank``, ``lora_alpha``, ``lora_layers``
+        and ``train_text_encoder_lora`` apply to LoRA only, and
+        ``train_text_encoder`` (the whole encoder) to a full tune only.
+        """
         spec = _convert.training_spec(
             instance_images=instance_images,
             base_model=base_model,
@@ -770,6 +797,11 @@ class AsyncClient(_Common):
             checkpoint_interval=checkpoint_interval,
             validation_prompt=validation_prompt,
             output_model_name=output_model_name,
+            kind=kind,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            lora_layers=list(lora_layers) if lora_layers is not None else None,
+            train_text_encoder_lora=train_text_encoder_lora,
         )
         request = diffusion_pb2.CreateTrainingJobRequest(
             spec=spec, client_request_id=uuid.uuid4().hex

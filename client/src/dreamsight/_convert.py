@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dreamsight._types import (
     ApiKey,
@@ -167,9 +167,22 @@ def _time(stamp: Any, present: bool = True) -> datetime | None:
     return datetime.fromtimestamp(stamp.ToNanoseconds() / 1e9, UTC)
 
 
+_TUNE_KINDS = {"lora": diffusion_pb2.TUNE_KIND_LORA, "full": diffusion_pb2.TUNE_KIND_FULL}
+_TUNES: dict[int, Literal["", "lora", "full"]] = {
+    diffusion_pb2.TUNE_KIND_LORA: "lora",
+    diffusion_pb2.TUNE_KIND_FULL: "full",
+}
+
+
 def training_spec(**kwargs: Any) -> diffusion_pb2.TrainingSpec:
-    """A TrainingSpec; images may be paths, bytes or PIL images."""
+    """A TrainingSpec; images may be paths, bytes or PIL images; kind is
+    "lora" or "full"."""
     images = [image(i) for i in kwargs.pop("instance_images")]
+    kind = kwargs.pop("kind", None)
+    if kind is not None:
+        if kind not in _TUNE_KINDS:
+            raise ValueError(f"kind must be 'lora' or 'full', not {kind!r}")
+        kwargs["kind"] = _TUNE_KINDS[kind]
     fields = {k: v for k, v in kwargs.items() if v is not None}
     return diffusion_pb2.TrainingSpec(instance_images=images, **fields)
 
@@ -244,6 +257,8 @@ def diffusion_model(model: diffusion_pb2.DiffusionModel) -> Model:
         origin=_ORIGINS.get(model.origin, "pretrained"),
         source=model.source,
         base_model=model.base_model,
+        tune=_TUNES.get(model.kind, ""),
+        size_bytes=model.size_bytes,
         raw=model,
     )
 

@@ -183,6 +183,10 @@ class Model:
     context_length: int = 0
     max_images_per_request: int = 0
     base_model: str = ""
+    tune: Literal["", "lora", "full"] = ""
+    """A fine-tuned image model's kind of tune; empty for base models."""
+    size_bytes: int = 0
+    """Bytes on disk of what a fine-tune exported; 0 for base models."""
     raw: Any = field(repr=False, default=None)
 
 

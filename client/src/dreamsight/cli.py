@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -66,12 +66,22 @@ class Output:
         else:
             print(_jsonable(value), flush=True)
 
-    def table(self, title: str, rows: Sequence[Any], columns: Sequence[str]) -> None:
-        """Rows of dataclasses as a table."""
+    def table(
+        self,
+        title: str,
+        rows: Sequence[Any],
+        columns: Sequence[str],
+        formats: Mapping[str, Callable[[Any], str]] | None = None,
+    ) -> None:
+        """Rows of dataclasses as a table; ``formats`` renders some columns for people."""
         if self.json:
             print(json.dumps([_jsonable(r) for r in rows]), flush=True)
             return
-        data = [[str(_jsonable(getattr(r, c))) for c in columns] for r in rows]
+        shown = formats or {}
+        data = [
+            [shown.get(c, lambda v: str(_jsonable(v)))(getattr(r, c)) for c in columns]
+            for r in rows
+        ]
         if self.console is not None:
             from rich.table import Table
 
@@ -293,6 +303,8 @@ def cmd_train(args: argparse.Namespace, out: Output) -> int:
             seed=args.seed,
             validation_prompt=args.validation_prompt,
             output_model_name=args.name,
+            kind=args.kind,
+            rank=args.rank,
         )
         if not out.json:
             print(f"job {job.id} created")
@@ -323,9 +335,23 @@ def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_models(args: argparse.Namespace, out: Output) -> int:
     with _client(args) as client:
-        columns = ["name", "kind", "origin", "demo", "source"]
-        out.table("models", client.models(), columns)
+        columns = ["name", "kind", "origin", "demo", "base_model", "tune", "size_bytes", "source"]
+        out.table("models", client.models(), columns, {"size_bytes": _size})
     return 0
+
+
+def _size(size_bytes: int) -> str:
+    """Size on disk for people: empty for base models."""
+    if not size_bytes:
+        return ""
+    if size_bytes < 1000:
+        return f"{size_bytes} B"
+    size = float(size_bytes)
+    for unit in ("kB", "MB", "GB"):
+        size /= 1000
+        if size < 1000 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def cmd_usage(args: argparse.Namespace, out: Output) -> int:
@@ -429,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--validation-prompt", default="")
     train.add_argument("--name", default="", help="name of the resulting model")
+    train.add_argument(
+        "--kind",
+        choices=("lora", "full"),
+        help="lora (the default: a small adapter served on the base model) or full",
+    )
+    train.add_argument("--rank", type=int, help="LoRA rank (default 4)")
     train.add_argument("--no-watch", action="store_true", help="return once the job is queued")
     train.set_defaults(run=cmd_train)
 

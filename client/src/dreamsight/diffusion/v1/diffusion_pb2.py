@@ -27,15 +27,17 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'dreamsight/diffusion/v1/diffusion.proto\x12\x17\x64reamsight.diffusion.v1\x1a!dreamsight/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\x05width\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\tscheduler\x18\x08 \x01(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\n \x01(\rH\x05\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_images\"5\n\x10GenerateProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"J\n\x0eGeneratedImage\x12*\n\x05image\x18\x01 \x01(\x0b\x32\x1b.dreamsight.common.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x03\"\x84\x01\n\x0eGenerateResult\x12\x37\n\x06images\x18\x01 \x03(\x0b\x32\'.dreamsight.diffusion.v1.GeneratedImage\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.dreamsight.common.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\"\x95\x01\n\x10GenerateResponse\x12=\n\x08progress\x18\x01 \x01(\x0b\x32).dreamsight.diffusion.v1.GenerateProgressH\x00\x12\x39\n\x06result\x18\x02 \x01(\x0b\x32\'.dreamsight.diffusion.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent\"\xfd\x02\n\x0cTrainingSpec\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x34\n\x0finstance_images\x18\x02 \x03(\x0b\x32\x1b.dreamsight.common.v1.Image\x12\x17\n\x0finstance_prompt\x18\x03 \x01(\t\x12\x14\n\x0c\x63lass_prompt\x18\x04 \x01(\t\x12\x18\n\x10num_class_images\x18\x05 \x01(\r\x12\x19\n\x11prior_loss_weight\x18\x06 \x01(\x02\x12\x17\n\x0fmax_train_steps\x18\x07 \x01(\r\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x1a\n\x12train_text_encoder\x18\t \x01(\x08\x12\x12\n\nresolution\x18\n \x01(\r\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x1b\n\x13\x63heckpoint_interval\x18\x0c \x01(\r\x12\x19\n\x11validation_prompt\x18\r \x01(\t\x12\x19\n\x11output_model_name\x18\x0e \x01(\t\"\xbc\x02\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.dreamsight.diffusion.v1.JobState\x12\x33\n\x04spec\x18\x03 \x01(\x0b\x32%.dreamsight.diffusion.v1.TrainingSpec\x12\x0c\n\x04step\x18\x04 \x01(\r\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12*\n\x05usage\x18\t \x01(\x0b\x32\x1b.dreamsight.common.v1.Usage\"j\n\x18\x43reateTrainingJobRequest\x12\x33\n\x04spec\x18\x01 \x01(\x0b\x32%.dreamsight.diffusion.v1.TrainingSpec\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\"N\n\x19\x43reateTrainingJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.dreamsight.diffusion.v1.TrainingJob\"\'\n\x15GetTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"K\n\x16GetTrainingJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.dreamsight.diffusion.v1.TrainingJob\"@\n\x17ListTrainingJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"g\n\x18ListTrainingJobsResponse\x12\x32\n\x04jobs\x18\x01 \x03(\x0b\x32$.dreamsight.diffusion.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x17WatchTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1d\n\tJobQueued\x12\x10\n\x08position\x18\x01 \x01(\r\"2\n\x13\x43lassImagesProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\"~\n\x0cTrainingStep\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12&\n\x03\x65ta\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1f\n\x0f\x43heckpointSaved\x12\x0c\n\x04step\x18\x01 \x01(\r\"K\n\x0fValidationImage\x12\x0c\n\x04step\x18\x01 \x01(\r\x12*\n\x05image\x18\x02 \x01(\x0b\x32\x1b.dreamsight.common.v1.Image\"\x1d\n\x0cJobSucceeded\x12\r\n\x05model\x18\x01 \x01(\t\"\x1b\n\tJobFailed\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0e\n\x0cJobCancelled\"\xf5\x04\n\x18WatchTrainingJobResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.dreamsight.diffusion.v1.JobState\x12\x34\n\x06queued\x18\x03 \x01(\x0b\x32\".dreamsight.diffusion.v1.JobQueuedH\x00\x12\x44\n\x0c\x63lass_images\x18\x04 \x01(\x0b\x32,.dreamsight.diffusion.v1.ClassImagesProgressH\x00\x12>\n\rtraining_step\x18\x05 \x01(\x0b\x32%.dreamsight.diffusion.v1.TrainingStepH\x00\x12\x44\n\x10\x63heckpoint_saved\x18\x06 \x01(\x0b\x32(.dreamsight.diffusion.v1.CheckpointSavedH\x00\x12\x44\n\x10validation_image\x18\x07 \x01(\x0b\x32(.dreamsight.diffusion.v1.ValidationImageH\x00\x12:\n\tsucceeded\x18\x08 \x01(\x0b\x32%.dreamsight.diffusion.v1.JobSucceededH\x00\x12\x34\n\x06\x66\x61iled\x18\t \x01(\x0b\x32\".dreamsight.diffusion.v1.JobFailedH\x00\x12:\n\tcancelled\x18\n \x01(\x0b\x32%.dreamsight.diffusion.v1.JobCancelledH\x00\x42\x07\n\x05\x65vent\"*\n\x18\x43\x61ncelTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"N\n\x19\x43\x61ncelTrainingJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.dreamsight.diffusion.v1.TrainingJob\"\xc2\x01\n\x0e\x44iffusionModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x06origin\x18\x02 \x01(\x0e\x32!.dreamsight.common.v1.ModelOrigin\x12\x0c\n\x04\x64\x65mo\x18\x03 \x01(\x08\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x15\n\rdefault_width\x18\x05 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x06 \x01(\r\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"M\n\x12ListModelsResponse\x12\x37\n\x06models\x18\x01 \x03(\x0b\x32\'.dreamsight.diffusion.v1.DiffusionModel\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xa5\x07\n\x10\x44iffusionService\x12\x61\n\x08Generate\x12(.dreamsight.diffusion.v1.GenerateRequest\x1a).dreamsight.diffusion.v1.GenerateResponse0\x01\x12z\n\x11\x43reateTrainingJob\x12\x31.dreamsight.diffusion.v1.CreateTrainingJobRequest\x1a\x32.dreamsight.diffusion.v1.CreateTrainingJobResponse\x12q\n\x0eGetTrainingJob\x12..dreamsight.diffusion.v1.GetTrainingJobRequest\x1a/.dreamsight.diffusion.v1.GetTrainingJobResponse\x12w\n\x10ListTrainingJobs\x12\x30.dreamsight.diffusion.v1.ListTrainingJobsRequest\x1a\x31.dreamsight.diffusion.v1.ListTrainingJobsResponse\x12y\n\x10WatchTrainingJob\x12\x30.dreamsight.diffusion.v1.WatchTrainingJobRequest\x1a\x31.dreamsight.diffusion.v1.WatchTrainingJobResponse0\x01\x12z\n\x11\x43\x61ncelTrainingJob\x12\x31.dreamsight.diffusion.v1.CancelTrainingJobRequest\x1a\x32.dreamsight.diffusion.v1.CancelTrainingJobResponse\x12\x65\n\nListModels\x12*.dreamsight.diffusion.v1.ListModelsRequest\x1a+.dreamsight.diffusion.v1.ListModelsResponse\x12h\n\x0b\x44\x65leteModel\x12+.dreamsight.diffusion.v1.DeleteModelRequest\x1a,.dreamsight.diffusion.v1.DeleteModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'dreamsight/diffusion/v1/diffusion.proto\x12\x17\x64reamsight.diffusion.v1\x1a!dreamsight/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\x05width\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\tscheduler\x18\x08 \x01(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\n \x01(\rH\x05\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_images\"5\n\x10GenerateProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"J\n\x0eGeneratedImage\x12*\n\x05image\x18\x01 \x01(\x0b\x32\x1b.dreamsight.common.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x03\"\x84\x01\n\x0eGenerateResult\x12\x37\n\x06images\x18\x01 \x03(\x0b\x32\'.dreamsight.diffusion.v1.GeneratedImage\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.dreamsight.common.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\"\x95\x01\n\x10GenerateResponse\x12=\n\x08progress\x18\x01 \x01(\x0b\x32).dreamsight.diffusion.v1.GenerateProgressH\x00\x12\x39\n\x06result\x18\x02 \x01(\x0b\x32\'.dreamsight.diffusion.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent\"\x86\x04\n\x0cTrainingSpec\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x34\n\x0finstance_images\x18\x02 \x03(\x0b\x32\x1b.dreamsight.common.v1.Image\x12\x17\n\x0finstance_prompt\x18\x03 \x01(\t\x12\x14\n\x0c\x63lass_prompt\x18\x04 \x01(\t\x12\x18\n\x10num_class_images\x18\x05 \x01(\r\x12\x19\n\x11prior_loss_weight\x18\x06 \x01(\x02\x12\x17\n\x0fmax_train_steps\x18\x07 \x01(\r\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x1a\n\x12train_text_encoder\x18\t \x01(\x08\x12\x12\n\nresolution\x18\n \x01(\r\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x1b\n\x13\x63heckpoint_interval\x18\x0c \x01(\r\x12\x19\n\x11validation_prompt\x18\r \x01(\t\x12\x19\n\x11output_model_name\x18\x0e \x01(\t\x12/\n\x04kind\x18\x0f \x01(\x0e\x32!.dreamsight.diffusion.v1.TuneKind\x12\x0c\n\x04rank\x18\x10 \x01(\r\x12\x12\n\nlora_alpha\x18\x11 \x01(\x02\x12\x13\n\x0blora_layers\x18\x12 \x03(\t\x12\x1f\n\x17train_text_encoder_lora\x18\x13 \x01(\x08\"\xbc\x02\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.dreamsight.diffusion.v1.JobState\x12\x33\n\x04spec\x18\x03 \x01(\x0b\x32%.dreamsight.diffusion.v1.TrainingSpec\x12\x0c\n\x04step\x18\x04 \x01(\r\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12*\n\x05usage\x18\t \x01(\x0b\x32\x1b.dreamsight.common.v1.Usage\"j\n\x18\x43reateTrainingJobRequest\x12\x33\n\x04spec\x18\x01 \x01(\x0b\x32%.dreamsight.diffusion.v1.TrainingSpec\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\"N\n\x19\x43reateTrainingJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.dreamsight.diffusion.v1.TrainingJob\"\'\n\x15GetTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"K\n\x16GetTrainingJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.dreamsight.diffusion.v1.TrainingJob\"@\n\x17ListTrainingJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"g\n\x18ListTrainingJobsResponse\x12\x32\n\x04jobs\x18\x01 \x03(\x0b\x32$.dreamsight.diffusion.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x17WatchTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1d\n\tJobQueued\x12\x10\n\x08position\x18\x01 \x01(\r\"2\n\x13\x43lassImagesProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\"~\n\x0cTrainingStep\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12&\n\x03\x65ta\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1f\n\x0f\x43heckpointSaved\x12\x0c\n\x04step\x18\x01 \x01(\r\"K\n\x0fValidationImage\x12\x0c\n\x04step\x18\x01 \x01(\r\x12*\n\x05image\x18\x02 \x01(\x0b\x32\x1b.dreamsight.common.v1.Image\"\x1d\n\x0cJobSucceeded\x12\r\n\x05model\x18\x01 \x01(\t\"\x1b\n\tJobFailed\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0e\n\x0cJobCancelled\"\xf5\x04\n\x18WatchTrainingJobResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.dreamsight.diffusion.v1.JobState\x12\x34\n\x06queued\x18\x03 \x01(\x0b\x32\".dreamsight.diffusion.v1.JobQueuedH\x00\x12\x44\n\x0c\x63lass_images\x18\x04 \x01(\x0b\x32,.dreamsight.diffusion.v1.ClassImagesProgressH\x00\x12>\n\rtraining_step\x18\x05 \x01(\x0b\x32%.dreamsight.diffusion.v1.TrainingStepH\x00\x12\x44\n\x10\x63heckpoint_saved\x18\x06 \x01(\x0b\x32(.dreamsight.diffusion.v1.CheckpointSavedH\x00\x12\x44\n\x10validation_image\x18\x07 \x01(\x0b\x32(.dreamsight.diffusion.v1.ValidationImageH\x00\x12:\n\tsucceeded\x18\x08 \x01(\x0b\x32%.dreamsight.diffusion.v1.JobSucceededH\x00\x12\x34\n\x06\x66\x61iled\x18\t \x01(\x0b\x32\".dreamsight.diffusion.v1.JobFailedH\x00\x12:\n\tcancelled\x18\n \x01(\x0b\x32%.dreamsight.diffusion.v1.JobCancelledH\x00\x42\x07\n\x05\x65vent\"*\n\x18\x43\x61ncelTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"N\n\x19\x43\x61ncelTrainingJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.dreamsight.diffusion.v1.TrainingJob\"\x87\x02\n\x0e\x44iffusionModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x06origin\x18\x02 \x01(\x0e\x32!.dreamsight.common.v1.ModelOrigin\x12\x0c\n\x04\x64\x65mo\x18\x03 \x01(\x08\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x15\n\rdefault_width\x18\x05 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x06 \x01(\r\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12/\n\x04kind\x18\t \x01(\x0e\x32!.dreamsight.diffusion.v1.TuneKind\x12\x12\n\nsize_bytes\x18\n \x01(\x04\"\x13\n\x11ListModelsRequest\"M\n\x12ListModelsResponse\x12\x37\n\x06models\x18\x01 \x03(\x0b\x32\'.dreamsight.diffusion.v1.DiffusionModel\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*M\n\x08TuneKind\x12\x19\n\x15TUNE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTUNE_KIND_LORA\x10\x01\x12\x12\n\x0eTUNE_KIND_FULL\x10\x02\x32\xa5\x07\n\x10\x44iffusionService\x12\x61\n\x08Generate\x12(.dreamsight.diffusion.v1.GenerateRequest\x1a).dreamsight.diffusion.v1.GenerateResponse0\x01\x12z\n\x11\x43reateTrainingJob\x12\x31.dreamsight.diffusion.v1.CreateTrainingJobRequest\x1a\x32.dreamsight.diffusion.v1.CreateTrainingJobResponse\x12q\n\x0eGetTrainingJob\x12..dreamsight.diffusion.v1.GetTrainingJobRequest\x1a/.dreamsight.diffusion.v1.GetTrainingJobResponse\x12w\n\x10ListTrainingJobs\x12\x30.dreamsight.diffusion.v1.ListTrainingJobsRequest\x1a\x31.dreamsight.diffusion.v1.ListTrainingJobsResponse\x12y\n\x10WatchTrainingJob\x12\x30.dreamsight.diffusion.v1.WatchTrainingJobRequest\x1a\x31.dreamsight.diffusion.v1.WatchTrainingJobResponse0\x01\x12z\n\x11\x43\x61ncelTrainingJob\x12\x31.dreamsight.diffusion.v1.CancelTrainingJobRequest\x1a\x32.dreamsight.diffusion.v1.CancelTrainingJobResponse\x12\x65\n\nListModels\x12*.dreamsight.diffusion.v1.ListModelsRequest\x1a+.dreamsight.diffusion.v1.ListModelsResponse\x12h\n\x0b\x44\x65leteModel\x12+.dreamsight.diffusion.v1.DeleteModelRequest\x1a,.dreamsight.diffusion.v1.DeleteModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dreamsight.diffusion.v1.diffusion_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=3642
-  _globals['_JOBSTATE']._serialized_end=3796
+  _globals['_JOBSTATE']._serialized_start=3848
+  _globals['_JOBSTATE']._serialized_end=4002
+  _globals['_TUNEKIND']._serialized_start=4004
+  _globals['_TUNEKIND']._serialized_end=4081
   _globals['_GENERATEREQUEST']._serialized_start=169
   _globals['_GENERATEREQUEST']._serialized_end=489
   _globals['_GENERATEPROGRESS']._serialized_start=491
@@ -47,55 +49,55 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_start=758
   _globals['_GENERATERESPONSE']._serialized_end=907
   _globals['_TRAININGSPEC']._serialized_start=910
-  _globals['_TRAININGSPEC']._serialized_end=1291
-  _globals['_TRAININGJOB']._serialized_start=1294
-  _globals['_TRAININGJOB']._serialized_end=1610
-  _globals['_CREATETRAININGJOBREQUEST']._serialized_start=1612
-  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=1718
-  _globals['_CREATETRAININGJOBRESPONSE']._serialized_start=1720
-  _globals['_CREATETRAININGJOBRESPONSE']._serialized_end=1798
-  _globals['_GETTRAININGJOBREQUEST']._serialized_start=1800
-  _globals['_GETTRAININGJOBREQUEST']._serialized_end=1839
-  _globals['_GETTRAININGJOBRESPONSE']._serialized_start=1841
-  _globals['_GETTRAININGJOBRESPONSE']._serialized_end=1916
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=1918
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=1982
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=1984
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=2087
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=2089
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=2130
-  _globals['_JOBQUEUED']._serialized_start=2132
-  _globals['_JOBQUEUED']._serialized_end=2161
-  _globals['_CLASSIMAGESPROGRESS']._serialized_start=2163
-  _globals['_CLASSIMAGESPROGRESS']._serialized_end=2213
-  _globals['_TRAININGSTEP']._serialized_start=2215
-  _globals['_TRAININGSTEP']._serialized_end=2341
-  _globals['_CHECKPOINTSAVED']._serialized_start=2343
-  _globals['_CHECKPOINTSAVED']._serialized_end=2374
-  _globals['_VALIDATIONIMAGE']._serialized_start=2376
-  _globals['_VALIDATIONIMAGE']._serialized_end=2451
-  _globals['_JOBSUCCEEDED']._serialized_start=2453
-  _globals['_JOBSUCCEEDED']._serialized_end=2482
-  _globals['_JOBFAILED']._serialized_start=2484
-  _globals['_JOBFAILED']._serialized_end=2511
-  _globals['_JOBCANCELLED']._serialized_start=2513
-  _globals['_JOBCANCELLED']._serialized_end=2527
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=2530
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=3159
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=3161
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=3203
-  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_start=3205
-  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_end=3283
-  _globals['_DIFFUSIONMODEL']._serialized_start=3286
-  _globals['_DIFFUSIONMODEL']._serialized_end=3480
-  _globals['_LISTMODELSREQUEST']._serialized_start=3482
-  _globals['_LISTMODELSREQUEST']._serialized_end=3501
-  _globals['_LISTMODELSRESPONSE']._serialized_start=3503
-  _globals['_LISTMODELSRESPONSE']._serialized_end=3580
-  _globals['_DELETEMODELREQUEST']._serialized_start=3582
-  _globals['_DELETEMODELREQUEST']._serialized_end=3616
-  _globals['_DELETEMODELRESPONSE']._serialized_start=3618
-  _globals['_DELETEMODELRESPONSE']._serialized_end=3639
-  _globals['_DIFFUSIONSERVICE']._serialized_start=3799
-  _globals['_DIFFUSIONSERVICE']._serialized_end=4732
+  _globals['_TRAININGSPEC']._serialized_end=1428
+  _globals['_TRAININGJOB']._serialized_start=1431
+  _globals['_TRAININGJOB']._serialized_end=1747
+  _globals['_CREATETRAININGJOBREQUEST']._serialized_start=1749
+  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=1855
+  _globals['_CREATETRAININGJOBRESPONSE']._serialized_start=1857
+  _globals['_CREATETRAININGJOBRESPONSE']._serialized_end=1935
+  _globals['_GETTRAININGJOBREQUEST']._serialized_start=1937
+  _globals['_GETTRAININGJOBREQUEST']._serialized_end=1976
+  _globals['_GETTRAININGJOBRESPONSE']._serialized_start=1978
+  _globals['_GETTRAININGJOBRESPONSE']._serialized_end=2053
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=2055
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=2119
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=2121
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=2224
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=2226
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=2267
+  _globals['_JOBQUEUED']._serialized_start=2269
+  _globals['_JOBQUEUED']._serialized_end=2298
+  _globals['_CLASSIMAGESPROGRESS']._serialized_start=2300
+  _globals['_CLASSIMAGESPROGRESS']._serialized_end=2350
+  _globals['_TRAININGSTEP']._serialized_start=2352
+  _globals['_TRAININGSTEP']._serialized_end=2478
+  _globals['_CHECKPOINTSAVED']._serialized_start=2480
+  _globals['_CHECKPOINTSAVED']._serialized_end=2511
+  _globals['_VALIDATIONIMAGE']._serialized_start=2513
+  _globals['_VALIDATIONIMAGE']._serialized_end=2588
+  _globals['_JOBSUCCEEDED']._serialized_start=2590
+  _globals['_JOBSUCCEEDED']._serialized_end=2619
+  _globals['_JOBFAILED']._serialized_start=2621
+  _globals['_JOBFAILED']._serialized_end=2648
+  _globals['_JOBCANCELLED']._serialized_start=2650
+  _globals['_JOBCANCELLED']._serialized_end=2664
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=2667
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=3296
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=3298
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=3340
+  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_start=3342
+  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_end=3420
+  _globals['_DIFFUSIONMODEL']._serialized_start=3423
+  _globals['_DIFFUSIONMODEL']._serialized_end=3686
+  _globals['_LISTMODELSREQUEST']._serialized_start=3688
+  _globals['_LISTMODELSREQUEST']._serialized_end=3707
+  _globals['_LISTMODELSRESPONSE']._serialized_start=3709
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3786
+  _globals['_DELETEMODELREQUEST']._serialized_start=3788
+  _globals['_DELETEMODELREQUEST']._serialized_end=3822
+  _globals['_DELETEMODELRESPONSE']._serialized_start=3824
+  _globals['_DELETEMODELRESPONSE']._serialized_end=3845
+  _globals['_DIFFUSIONSERVICE']._serialized_start=4084
+  _globals['_DIFFUSIONSERVICE']._serialized_end=5017
 # @@protoc_insertion_point(module_scope)

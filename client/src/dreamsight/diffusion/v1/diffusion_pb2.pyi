@@ -58,6 +58,40 @@ JOB_STATE_CANCELLED: JobState.ValueType  # 5
 """Stopped by the owner."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _TuneKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TuneKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TuneKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TUNE_KIND_UNSPECIFIED: _TuneKind.ValueType  # 0
+    """Not set: a training job takes LoRA; a base model has no kind."""
+    TUNE_KIND_LORA: _TuneKind.ValueType  # 1
+    """Low-rank adapters on the base model's attention layers (diffusers'
+    train_dreambooth_lora.py), exported as pytorch_lora_weights.safetensors
+    and served on the loaded base pipeline.
+    """
+    TUNE_KIND_FULL: _TuneKind.ValueType  # 2
+    """Every UNet weight (and the text encoder's with train_text_encoder), as
+    diffusers' train_dreambooth.py; exports only the parts it changed.
+    """
+
+class TuneKind(_TuneKind, metaclass=_TuneKindEnumTypeWrapper):
+    """The kind of fine-tune a DreamBooth job makes."""
+
+TUNE_KIND_UNSPECIFIED: TuneKind.ValueType  # 0
+"""Not set: a training job takes LoRA; a base model has no kind."""
+TUNE_KIND_LORA: TuneKind.ValueType  # 1
+"""Low-rank adapters on the base model's attention layers (diffusers'
+train_dreambooth_lora.py), exported as pytorch_lora_weights.safetensors
+and served on the loaded base pipeline.
+"""
+TUNE_KIND_FULL: TuneKind.ValueType  # 2
+"""Every UNet weight (and the text encoder's with train_text_encoder), as
+diffusers' train_dreambooth.py; exports only the parts it changed.
+"""
+Global___TuneKind: _TypeAlias = TuneKind  # noqa: Y015
+
 @_typing.final
 class GenerateRequest(_message.Message):
     """Asks for images from a text prompt."""
@@ -289,6 +323,11 @@ class TrainingSpec(_message.Message):
     CHECKPOINT_INTERVAL_FIELD_NUMBER: _builtins.int
     VALIDATION_PROMPT_FIELD_NUMBER: _builtins.int
     OUTPUT_MODEL_NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    LORA_ALPHA_FIELD_NUMBER: _builtins.int
+    LORA_LAYERS_FIELD_NUMBER: _builtins.int
+    TRAIN_TEXT_ENCODER_LORA_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """The base model to fine-tune."""
     instance_prompt: _builtins.str
@@ -308,7 +347,9 @@ class TrainingSpec(_message.Message):
     learning_rate: _builtins.float
     """Peak learning rate."""
     train_text_encoder: _builtins.bool
-    """Whether the text encoder is trained along with the UNet."""
+    """Whether the whole text encoder is trained along with the UNet (kind
+    FULL only; a LoRA job sets train_text_encoder_lora instead).
+    """
     resolution: _builtins.int
     """Training resolution in pixels (square), a multiple of 8."""
     seed: _builtins.int
@@ -319,10 +360,31 @@ class TrainingSpec(_message.Message):
     """A prompt rendered at each checkpoint to show progress; empty skips it."""
     output_model_name: _builtins.str
     """Name of the resulting model; empty lets the service choose one."""
+    kind: Global___TuneKind.ValueType
+    """The kind of tune; unspecified takes LoRA."""
+    rank: _builtins.int
+    """LoRA rank, the script's --rank (LoRA only; 0 takes the service default,
+    4).
+    """
+    lora_alpha: _builtins.float
+    """LoRA scaling alpha, the script's --lora_alpha (LoRA only; 0 takes the
+    rank, as the script does).
+    """
+    train_text_encoder_lora: _builtins.bool
+    """Whether the text encoder gets adapters too (its q, k, v and out
+    projections), the LoRA script's --train_text_encoder (LoRA only).
+    """
     @_builtins.property
     def instance_images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]:
         """3 to 5 photos of the subject (more are accepted up to the service's
         limit).
+        """
+
+    @_builtins.property
+    def lora_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The UNet modules that get adapters, the script's --lora_layers, e.g.
+        "to_q" (LoRA only; empty takes the service default: to_k, to_q, to_v,
+        to_out.0).
         """
 
     def __init__(
@@ -342,10 +404,15 @@ class TrainingSpec(_message.Message):
         checkpoint_interval: _builtins.int = ...,
         validation_prompt: _builtins.str = ...,
         output_model_name: _builtins.str = ...,
+        kind: Global___TuneKind.ValueType = ...,
+        rank: _builtins.int = ...,
+        lora_alpha: _builtins.float = ...,
+        lora_layers: _abc.Iterable[_builtins.str] | None = ...,
+        train_text_encoder_lora: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "checkpoint_interval", b"checkpoint_interval", "class_prompt", b"class_prompt", "instance_images", b"instance_images", "instance_prompt", b"instance_prompt", "learning_rate", b"learning_rate", "max_train_steps", b"max_train_steps", "num_class_images", b"num_class_images", "output_model_name", b"output_model_name", "prior_loss_weight", b"prior_loss_weight", "resolution", b"resolution", "seed", b"seed", "train_text_encoder", b"train_text_encoder", "validation_prompt", b"validation_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "checkpoint_interval", b"checkpoint_interval", "class_prompt", b"class_prompt", "instance_images", b"instance_images", "instance_prompt", b"instance_prompt", "kind", b"kind", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_layers", b"lora_layers", "max_train_steps", b"max_train_steps", "num_class_images", b"num_class_images", "output_model_name", b"output_model_name", "prior_loss_weight", b"prior_loss_weight", "rank", b"rank", "resolution", b"resolution", "seed", b"seed", "train_text_encoder", b"train_text_encoder", "train_text_encoder_lora", b"train_text_encoder_lora", "validation_prompt", b"validation_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -926,6 +993,8 @@ class DiffusionModel(_message.Message):
     DEFAULT_HEIGHT_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name to pass as GenerateRequest.model."""
     origin: _common_pb2.ModelOrigin.ValueType
@@ -944,6 +1013,12 @@ class DiffusionModel(_message.Message):
     """The Hugging Face hub id a base model was loaded from; empty for a local
     directory (no server path is ever shown).
     """
+    kind: Global___TuneKind.ValueType
+    """The kind of a fine-tuned model; unspecified for a base model."""
+    size_bytes: _builtins.int
+    """Bytes on disk of what the tune exported (the adapter, or the changed
+    parts of a full tune); 0 for a base model.
+    """
     def __init__(
         self,
         *,
@@ -955,10 +1030,12 @@ class DiffusionModel(_message.Message):
         default_height: _builtins.int = ...,
         job_id: _builtins.str = ...,
         source: _builtins.str = ...,
+        kind: Global___TuneKind.ValueType = ...,
+        size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "default_height", b"default_height", "default_width", b"default_width", "demo", b"demo", "job_id", b"job_id", "name", b"name", "origin", b"origin", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "default_height", b"default_height", "default_width", b"default_width", "demo", b"demo", "job_id", b"job_id", "kind", b"kind", "name", b"name", "origin", b"origin", "size_bytes", b"size_bytes", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

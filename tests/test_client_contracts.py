@@ -258,3 +258,22 @@ def test_readme_compatibility_table_is_generated_from_the_code() -> None:
     assert fields.compatibility_table() in README.read_text(), (
         "regenerate README's table: python -m gateway.http_api.fields"
     )
+
+
+def test_a_fine_tune_is_listed_with_its_kind_base_and_size() -> None:
+    from dreamsight.diffusion.v1 import diffusion_pb2
+
+    from gateway.http_api.openai import _image_model
+
+    tune = diffusion_pb2.DiffusionModel(
+        name="sks-star", base_model="sd-demo", kind=diffusion_pb2.TUNE_KIND_LORA, size_bytes=3_100
+    )
+    entry = _image_model(tune)
+    assert (entry["kind"], entry["tune"], entry["parent"], entry["size_bytes"]) == (
+        "image",
+        "lora",
+        "sd-demo",
+        3_100,
+    )
+    base = _image_model(diffusion_pb2.DiffusionModel(name="sd-demo"))
+    assert (base["tune"], base["parent"]) == (None, None)

@@ -323,7 +323,12 @@ def _image_model(model: diffusion_pb2.DiffusionModel) -> dict[str, Any]:
         "description": "an image model: POST /v1/images/generations; it cannot chat",
         "capabilities": {"vision": False, "image_generation": True},
     }
-    return {**entry, "info": {"meta": meta}}
+    tune = _TUNES.get(model.kind)
+    return {**entry, "tune": tune, "size_bytes": model.size_bytes, "info": {"meta": meta}}
+
+
+_TUNES = {diffusion_pb2.TUNE_KIND_LORA: "lora", diffusion_pb2.TUNE_KIND_FULL: "full"}
+"""A fine-tune's kind as /v1/models shows it (null for a base model)."""
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:

@@ -380,6 +380,28 @@ async def test_metrics_are_exposed_and_move(vision: VisionHandle) -> None:
     assert after["dreamsight_vision_requests_in_flight"] == 0
 
 
+def test_the_stat_logger_feeds_the_gauges_and_stands_in_for_vllms() -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    from vision_service.metrics import VisionMetrics
+
+    registry = CollectorRegistry()
+    factory = VisionMetrics(registry).stat_logger_factory()
+    # vLLM adds its own Prometheus logger unless one of the factories is one.
+    assert isinstance(factory, type) and issubclass(factory, PrometheusStatLogger)
+    logger = factory(None, [0])
+    logger.record(SimpleNamespace(num_waiting_reqs=3, num_running_reqs=2), None)
+    logger.record(None, None)  # an output without scheduler stats changes nothing
+    logger.log()
+    logger.log_engine_initialized()
+    logger.record_sleep_state(0, 0)
+    assert registry.get_sample_value("dreamsight_vision_engine_queue_depth") == 3
+    assert registry.get_sample_value("dreamsight_vision_engine_running_requests") == 2
+
+
 async def test_a_raw_prompt_is_continued_without_the_chat_template(
     vision: VisionHandle, llava_dir: Path
 ) -> None:

@@ -76,6 +76,11 @@ bench-diffusion: setup
 bench-dreambooth: setup
 	$(BIN)/python bench/bench_dreambooth.py
 
+.PHONY: bench-adapters
+# LoRA adapters vs full tunes on the demo model: disk, cold first image, 8 tenants rotating (~2 min).
+bench-adapters: setup
+	$(BIN)/python bench/bench_adapters.py
+
 # Retrain both demo models from scratch (CPU, ~25 min, seeded) and replace
 # the committed ones only when both trainings finished; commit the result.
 .PHONY: demo-models

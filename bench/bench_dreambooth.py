@@ -16,15 +16,19 @@ accumulation, fp32 on CPU, no checkpoint before step 500 (the job's end
 still writes one), no validation images, the UNet trained and the text
 encoder frozen unless ``--train-text-encoder``.
 
-Two variants alternate run by run, each run in a fresh process (so its
-peak RSS is its own): ``cached`` (our default: the frozen VAE encodes every
-image once and each step samples from the cached latent distribution) and
-``encode`` (the VAE encodes every batch at every step, as the script does).
+Three variants alternate run by run, each run in a fresh process (so its
+peak RSS is its own): ``cached`` (a full tune with our default: the frozen
+VAE encodes every image once and each step samples from the cached latent
+distribution), ``encode`` (a full tune whose VAE encodes every batch at
+every step, as the script does) and ``lora`` (the default kind of tune:
+cached latents, rank-4 peft adapters on to_k/to_q/to_v/to_out.0 and the
+UNet frozen, lr 1e-4, as diffusers' ``train_dreambooth_lora.py``).
 Reported per variant: the median seconds per step, taken as the gap between
 the ends of consecutive optimizer steps with the first gap (warm-up)
 excluded, and the peak RSS. The last line is ``bench dreambooth:
-s_per_step=X peak_rss_mb=Y`` for the default (cached) variant: the median
-over all its steps and the largest peak of its runs.
+s_per_step=X peak_rss_mb=Y lora_s_per_step=X lora_peak_rss_mb=Y``: the
+median over all steps and the largest peak of the runs of the full tune
+(cached) and of the LoRA tune.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import Any
 
 from diffusion_service.jobs.worker_events import StepFinished, WorkerEvent
 
-VARIANTS = ("cached", "encode")
+VARIANTS = ("cached", "encode", "lora")
 
 
 def photo(index: int, size: int = 96) -> bytes:
@@ -118,10 +122,11 @@ def child(args: argparse.Namespace) -> None:
         offset_noise=0.0,
         snr_gamma=None,
         random_flip=True,
-        cache_latents=args.variant == "cached",
+        cache_latents=args.variant != "encode",
         keep_checkpoints=1,
         log_every_n_steps=1,
     )
+    lora = args.variant == "lora"
     params = JobParams(
         base_model="bench",
         instance_prompt="a photo of sks dog",
@@ -130,12 +135,17 @@ def child(args: argparse.Namespace) -> None:
         num_class_images=args.class_images,
         prior_loss_weight=1.0,
         max_train_steps=args.steps,
-        learning_rate=5e-6,
-        train_text_encoder=args.train_text_encoder,
+        learning_rate=1e-4 if lora else 5e-6,
+        train_text_encoder=args.train_text_encoder and not lora,
         resolution=args.resolution,
         seed=0,
         checkpoint_interval=500,
         num_instance_images=3,
+        kind="lora" if lora else "full",
+        rank=4 if lora else 0,
+        lora_alpha=4.0 if lora else 0.0,
+        lora_layers=("to_k", "to_q", "to_v", "to_out.0") if lora else (),
+        train_text_encoder_lora=args.train_text_encoder and lora,
         trainer=trainer,
         class_images=DrawSettings(batch_size=4, inference_steps=args.class_steps),
         validation=DrawSettings(),
@@ -196,7 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--class-images", type=int, default=4, help="class-prior images")
     p.add_argument("--class-steps", type=int, default=10, help="denoising steps per class image")
     p.add_argument("--runs", type=int, default=3, help="runs per variant, alternating")
-    p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
+    p.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="train the text encoder too (its LoRA adapters for the lora variant)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="cached", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--work-dir", default="", help=argparse.SUPPRESS)
@@ -222,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         steps: dict[str, list[float]] = {v: [] for v in VARIANTS}
         peaks: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for run in range(args.runs):
-            order = VARIANTS if run % 2 == 0 else tuple(reversed(VARIANTS))
+            order = VARIANTS[run % 3 :] + VARIANTS[: run % 3]
             for variant in order:
                 result = run_once(args, variant, model_dir, work)
                 run_gaps = gaps(result["ends"])
@@ -239,9 +253,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         ratio = statistics.median(steps["encode"]) / statistics.median(steps["cached"])
         print(f"encode/cached s/step ratio: {ratio:.3f}")
+        lora_ratio = statistics.median(steps["lora"]) / statistics.median(steps["cached"])
+        print(f"lora/full (cached) s/step ratio: {lora_ratio:.3f}")
         print(
             f"bench dreambooth: s_per_step={statistics.median(steps['cached']):.4f} "
-            f"peak_rss_mb={max(peaks['cached']):.0f}"
+            f"peak_rss_mb={max(peaks['cached']):.0f} "
+            f"lora_s_per_step={statistics.median(steps['lora']):.4f} "
+            f"lora_peak_rss_mb={max(peaks['lora']):.0f}"
         )
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import dreamsight
 import numpy as np
@@ -196,6 +196,9 @@ class DreamBoothSettings:
     random shapes (docs/quality.md has the measurements).
     """
 
+    kind: Literal["lora", "full"] = "full"
+    """A full fine-tune: what these settings were measured with (docs/quality.md);
+    the service's default, LoRA, is not yet measured on the shapes model."""
     max_train_steps: int = 2500
     learning_rate: float = 5e-5
     num_class_images: int = 0

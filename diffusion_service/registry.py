@@ -269,6 +269,12 @@ class ModelRegistry:
                 persist=False,
             )
         except (NotFound, FailedPrecondition) as error:
+            with self._lock:
+                known = self._fine_tuned.get((saved.owner_tenant, saved.name))
+            if known is not None and known.info.job_id == saved.job_id:
+                # Adopted meanwhile by another thread (a refresh racing a
+                # request that names the model): the same registration.
+                return True
             log.warning("fine-tuned model %s not restored: %s", saved.name, error.message)
             return False
         return True

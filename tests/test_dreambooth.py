@@ -526,6 +526,29 @@ def test_two_tenants_models_of_one_name_are_restored_after_a_restart(
     assert sd_dir.is_dir(), "a directory from outside the artifacts is never deleted"
 
 
+def test_a_model_adopted_by_a_refresh_while_a_request_names_it_still_resolves(
+    sd_dir: Path, tmp_path: Path
+) -> None:
+    """A replica refreshes when it hears another one's job succeed, while a
+    request for that model may be adopting it too: whichever thread wins,
+    the request resolves (it was a NOT_FOUND)."""
+    with persisted_registry(sd_dir, tmp_path) as trainer:
+        trainer.register_fine_tuned("my-dog", sd_dir, "alice", "sd-demo", "job-a")
+    with persisted_registry(sd_dir, tmp_path) as other:
+        persistence = other._persistence
+        assert persistence is not None
+        found = persistence.find
+
+        def find_then_refresh(name: str, tenant: str) -> Any:
+            saved = found(name, tenant)
+            assert other.refresh() == 1  # the refresh gets there first
+            return saved
+
+        persistence.find = find_then_refresh  # type: ignore[method-assign]
+        assert other.resolve("my-dog", "alice").info.job_id == "job-a"
+        assert fine_tuned(other, "alice") == [("my-dog", "job-a")]
+
+
 def test_a_schema_1_store_keyed_by_name_alone_is_migrated(sd_dir: Path, tmp_path: Path) -> None:
     """A store written before names were per tenant still loads, and its
     models then share their names with other tenants' like any other."""

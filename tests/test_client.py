@@ -84,6 +84,40 @@ async def test_async_chat_streaming_and_not(stack: Stack) -> None:
     assert chunks[-1].response is not None and chunks[-1].response.text == reply.text
 
 
+async def test_tools_through_the_gateway_with_the_typed_client(stack: Stack) -> None:
+    colour = dreamsight.Tool(
+        "report_colour",
+        "say the colour",
+        {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}},
+         "required": ["colour"]},
+    )  # fmt: skip
+    asked = dreamsight.Message("user", "What colour is it?", (_png("red"),))
+    options: dreamsight.Options = {"temperature": 0.0, "max_tokens": 48}
+    async with dreamsight.AsyncClient(stack.target, api_key=stack.key) as client:
+        called = await client.chat(
+            "llava-demo", [asked], options=options, tools=[colour], tool_choice=colour
+        )
+        (call,) = called.tool_calls
+        answered = await client.chat(
+            "llava-demo",
+            [
+                asked,
+                dreamsight.Message("assistant", tool_calls=called.tool_calls),
+                dreamsight.Message("tool", "red", tool_call_id=call.id, tool_name=call.name),
+            ],
+            options=GREEDY,
+            tools=[colour],
+            tool_choice="none",
+        )
+        with pytest.raises(dreamsight.InvalidRequest) as caught:
+            await client.chat("llava-demo", [asked], tool_choice="required")
+    assert called.finish_reason == "stop" and called.text == ""
+    assert call.name == "report_colour" and call.parsed_arguments()["colour"] in ("red", "blue")
+    assert answered.text and not answered.tool_calls
+    assert answered.prompt_tokens > called.prompt_tokens
+    assert "tool_choice" in str(caught.value)
+
+
 async def test_each_kind_of_image_input_gives_the_same_answer(stack: Stack, tmp_path: Path) -> None:
     path = tmp_path / "red.png"
     path.write_bytes(_png("red"))

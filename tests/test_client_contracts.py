@@ -72,10 +72,15 @@ class Reply:
 
 
 async def replay(
-    gateway: Gateway, name: str, key: str | None, model: str = "llava-demo"
+    gateway: Gateway,
+    name: str,
+    key: str | None,
+    model: str = "llava-demo",
+    seed: int | None = None,
 ) -> tuple[Reply, dict[str, Any]]:
     """Send the captured request as the client does: its headers (its key replaced
-    by ours when it sends one, or added when key_always), its body."""
+    by ours when it sends one, or added when key_always), its body (with a seed,
+    where given, so a sampled reply of the toy model is reproducible)."""
     request = captured(name)
     headers = {k: v.replace("KEY", key or "") for k, v in request["headers"].items()}
     if key is None:
@@ -85,6 +90,8 @@ async def replay(
     body = request.get("body")
     if isinstance(body, dict) and body.get("model") == "MODEL":
         body = {**body, "model": model}
+    if isinstance(body, dict) and seed is not None:
+        body = {**body, "seed": seed}
     url = f"http://127.0.0.1:{gateway.http_port}{request['path']}"
     async with (
         aiohttp.ClientSession() as session,
@@ -123,18 +130,18 @@ async def test_open_webui_chat_with_its_built_in_tools_is_served(
         "openwebui_openai_chat_params",
         "openwebui_openai_chat_vision",
     ):
-        reply, body = await replay(gateway, name, key)
+        reply, body = await replay(gateway, name, key, seed=0)
         assert body["tools"], name
         check_chat_stream(reply, body)
 
 
-async def test_open_webui_tool_follow_up_is_refused_naming_the_field(
+async def test_open_webui_tool_follow_up_with_the_tools_results_is_served(
     gateway: Gateway, key: str
 ) -> None:
-    reply, _ = await replay(gateway, "openwebui_openai_chat_tool_followup", key)
-    assert reply.status == 400
-    error = reply.json()["error"]
-    assert error["param"] == "messages[1].tool_calls" and "do not call tools" in error["message"]
+    """Its tool loop sends the assistant's tool calls and the tools' results back."""
+    reply, body = await replay(gateway, "openwebui_openai_chat_tool_followup", key, seed=0)
+    assert [m["role"] for m in body["messages"]][-2:] == ["assistant", "tool"]
+    check_chat_stream(reply, body)
 
 
 async def test_open_webui_ollama_chats_stream_with_a_key_and_say_why_without(
@@ -236,7 +243,7 @@ async def test_guidellm_health_chat_and_text_completions(gateway: Gateway, key: 
 def test_every_refused_field_is_a_400_naming_it(endpoint: fields.Fields, name: str) -> None:
     spec = endpoint.specs[name]
     assert isinstance(spec, Refused)
-    asked = {"n": 2, "tool_choice": "required"}.get(name, "something")
+    asked = {"n": 2}.get(name, "something")
     with pytest.raises(Exception) as caught:
         endpoint.check({name: asked})
     assert getattr(caught.value, "field", None) == name

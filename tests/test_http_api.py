@@ -267,6 +267,132 @@ async def test_openai_json_schema_models_and_images(gateway: Gateway) -> None:
     assert gateway.store.sync.usage_since("painter", 0) > 0
 
 
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "report_colour",
+            "description": "say the colour",
+            "parameters": SCHEMA,
+        },
+    },
+    {"type": "function", "function": {"name": "give_up", "parameters": {"type": "object"}}},
+]
+
+
+@slow
+async def test_openai_tools_named_required_streamed_and_answered(gateway: Gateway) -> None:
+    key = await new_key(gateway, "toolsmith", "pro")
+    asked: list[Any] = [{"role": "user", "content": [
+        {"type": "text", "text": "What colour is it?"},
+        {"type": "image_url", "image_url": {"url": data_url(png("red"))}},
+    ]}]  # fmt: skip
+    async with openai_async(gateway, key) as client:
+        named = await client.chat.completions.create(
+            model="llava-demo",
+            messages=asked,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "report_colour"}},
+            max_tokens=64,
+            temperature=0,
+        )
+        chunks = [
+            c
+            async for c in await client.chat.completions.create(
+                model="llava-demo",
+                messages=asked,
+                tools=TOOLS,
+                tool_choice="required",
+                parallel_tool_calls=False,
+                max_tokens=96,
+                temperature=0,
+                stream=True,
+            )
+        ]
+        (call,) = named.choices[0].message.tool_calls or []
+        follow_up: list[Any] = [
+            *asked,
+            named.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "it is red"},
+        ]
+        answered = await client.chat.completions.create(
+            model="llava-demo",
+            messages=follow_up,
+            tools=TOOLS,
+            max_tokens=4,
+            temperature=0,
+        )
+    choice = named.choices[0]
+    assert (choice.finish_reason, choice.message.content) == ("stop", None)
+    assert call.type == "function" and call.function.name == "report_colour"
+    assert set(json.loads(call.function.arguments)) == {"colour", "round"}
+    # Streamed: the role, the calls whole in the chunk before the last, the end.
+    streamed = [d.tool_calls for c in chunks for d in [c.choices[0].delta] if d.tool_calls]
+    assert len(streamed) == 1 and len(streamed[0]) == 1
+    (delta,) = streamed[0]
+    assert delta.index == 0 and delta.id and delta.function and delta.function.name
+    assert delta.function.name in ("report_colour", "give_up")
+    assert isinstance(json.loads(delta.function.arguments or ""), dict)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The tool's result answered: text again, no calls (no parser: auto leaves tools unused).
+    assert answered.choices[0].message.tool_calls is None
+    assert answered.choices[0].message.content
+
+
+@slow
+async def test_tool_requests_refused_name_the_field_and_hold_no_slot(gateway: Gateway) -> None:
+    key = await new_key(gateway, "toolbreaker", "free")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"tool_choice": {"type": "function", "function": {"name": "paint"}}, "tools": TOOLS},
+         "tool_choice.function_name"),
+        ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function", "function": {"name": "x", "parameters": [1]}}]},
+         "tools[0].function.parameters"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "x", "arguments": "{nope"}}]}]},
+         "messages[1].tool_calls[0].arguments_json"),
+        ({"messages": [{"role": "function", "name": "x", "content": "1"}]}, "messages[0].role"),
+    ]  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        for extra, param in cases:
+            body = {"model": "llava-demo", "messages": [{"role": "user", "content": "hi"}]}
+            async with session.post(
+                f"http://127.0.0.1:{gateway.http_port}/v1/chat/completions",
+                json={**body, **extra},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as reply:
+                error = (await reply.json())["error"]
+                assert (reply.status, error["param"]) == (400, param), error
+    await no_slots_held(gateway, "toolbreaker")
+
+
+@slow
+async def test_ollama_tools_and_tool_results_are_served(gateway: Gateway) -> None:
+    key = await new_key(gateway, "ollama-tools", "pro")
+    client = ollama_async(gateway, key)
+    reply = await client.chat(
+        "llava-demo",
+        [
+            {"role": "user", "content": "What colour is it?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"function": {"name": "report_colour", "arguments": {"colour": "red"}}}
+                ],
+            },
+            {"role": "tool", "content": "red", "tool_name": "report_colour"},
+        ],
+        tools=TOOLS,
+        options={"num_predict": 4, "temperature": 0},
+    )
+    assert reply.message.content and not reply.message.tool_calls
+    show = await client.show("llava-demo")
+    assert "tools" not in (show.capabilities or []), "the demo service runs no parser"
+
+
 @slow
 async def test_bad_key_is_401_in_each_api(gateway: Gateway) -> None:
     bad = "ds_0123456789ab_" + "x" * 32

@@ -37,6 +37,13 @@ def user(text: str, *images: bytes) -> vision_pb2.Message:
     )
 
 
+TOOL = vision_pb2.Tool(name="look", description="looks", parameters_json='{"type": "object"}')
+
+
+def named(function: str) -> vision_pb2.ToolChoice:
+    return vision_pb2.ToolChoice(mode=vision_pb2.TOOL_CHOICE_MODE_FUNCTION, function_name=function)
+
+
 def greedy(max_tokens: int = 12, **extra: Any) -> vision_pb2.ChatOptions:
     return vision_pb2.ChatOptions(temperature=0.0, max_tokens=max_tokens, **extra)
 
@@ -296,6 +303,88 @@ BAD_REQUESTS: list[tuple[str, vision_pb2.ChatRequest, str]] = [
             ),
         ),
         "options.response_format.json_schema",
+    ),
+    *[
+        (name, vision_pb2.ChatRequest(messages=[user("hi")], **fields), field)
+        for name, fields, field in (
+            (
+                "unknown named tool",
+                {"tools": [TOOL], "tool_choice": named("paint")},
+                "tool_choice.function_name",
+            ),
+            (
+                "required tool choice without tools",
+                {"tool_choice": vision_pb2.ToolChoice(mode=vision_pb2.TOOL_CHOICE_MODE_REQUIRED)},
+                "tool_choice",
+            ),
+            ("two tools of one name", {"tools": [TOOL, TOOL]}, "tools[1].name"),
+            (
+                "tool name with a space",
+                {"tools": [vision_pb2.Tool(name="look here")]},
+                "tools[0].name",
+            ),
+            (
+                "tool parameters not JSON",
+                {"tools": [vision_pb2.Tool(name="look", parameters_json="{x")]},
+                "tools[0].parameters_json",
+            ),
+            (
+                "tool parameters not an object",
+                {"tools": [vision_pb2.Tool(name="look", parameters_json="[]")]},
+                "tools[0].parameters_json",
+            ),
+            (
+                "json format with a named tool",
+                {
+                    "tools": [TOOL],
+                    "tool_choice": named("look"),
+                    "options": vision_pb2.ChatOptions(
+                        response_format=vision_pb2.ResponseFormat(
+                            type=vision_pb2.RESPONSE_FORMAT_TYPE_JSON
+                        )
+                    ),
+                },
+                "options.response_format",
+            ),
+            (
+                "too many tools",
+                {"tools": [vision_pb2.Tool(name=f"t{i}") for i in range(129)]},
+                "tools",
+            ),
+        )
+    ],
+    (
+        "tool calls on a user message",
+        vision_pb2.ChatRequest(
+            messages=[
+                vision_pb2.Message(
+                    role=vision_pb2.ROLE_USER,
+                    content="hi",
+                    tool_calls=[vision_pb2.ToolCall(id="c", name="look")],
+                )
+            ]
+        ),
+        "messages[0].tool_calls",
+    ),
+    (
+        "past tool call arguments not JSON",
+        vision_pb2.ChatRequest(
+            messages=[
+                user("hi"),
+                vision_pb2.Message(
+                    role=vision_pb2.ROLE_ASSISTANT,
+                    tool_calls=[vision_pb2.ToolCall(id="c", name="look", arguments_json="{x")],
+                ),
+            ]
+        ),
+        "messages[1].tool_calls[0].arguments_json",
+    ),
+    (
+        "a tool call id on a user message",
+        vision_pb2.ChatRequest(
+            messages=[vision_pb2.Message(role=vision_pb2.ROLE_USER, content="hi", tool_call_id="c")]
+        ),
+        "messages[0].tool_call_id",
     ),
 ]
 

@@ -51,6 +51,18 @@ class VisionSettings:
     kv_cache_dtype: str = setting("auto", "KV-cache dtype: auto, fp8, fp8_e4m3, fp8_e5m2")
     enforce_eager: bool = setting(False, "run vLLM eagerly (no torch.compile or CUDA graphs)")
     default_max_tokens: int = setting(512, "reply length when a request sets none", minimum=1)
+    compact_json: bool = setting(
+        False,
+        "structured replies (JSON formats, tool calls) without optional whitespace: the same "
+        "JSON in fewer tokens (vLLM's disable_any_whitespace; uses the xgrammar backend, "
+        "without vLLM's fallback to guidance)",
+    )
+    tool_call_parser: str = setting(
+        "",
+        "vLLM's tool call parser for the model's family (e.g. llama3_json for Llama 3.1+, "
+        "hermes, mistral), which lets tool_choice auto call tools; empty: auto leaves tools "
+        "unused (required and named tool choices work on every model)",
+    )
     max_prompt_chars: int = setting(
         0,
         "longest prompt text in characters, refused before it is tokenized; 0: 16 per token "

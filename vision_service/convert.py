@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from dreamsight.common.v1 import common_pb2
@@ -28,12 +29,24 @@ from vision_service.domain import (
     ModelInfo,
     Role,
     SamplingOptions,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolUse,
 )
 
 _ROLES = {
     vision_pb2.ROLE_SYSTEM: Role.SYSTEM,
     vision_pb2.ROLE_USER: Role.USER,
     vision_pb2.ROLE_ASSISTANT: Role.ASSISTANT,
+    vision_pb2.ROLE_TOOL: Role.TOOL,
+}
+_CHOICES = {
+    vision_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoice.AUTO,
+    vision_pb2.TOOL_CHOICE_MODE_AUTO: ToolChoice.AUTO,
+    vision_pb2.TOOL_CHOICE_MODE_NONE: ToolChoice.NONE,
+    vision_pb2.TOOL_CHOICE_MODE_REQUIRED: ToolChoice.REQUIRED,
+    vision_pb2.TOOL_CHOICE_MODE_FUNCTION: ToolChoice.FUNCTION,
 }
 _FINISH = {
     FinishReason.STOP: vision_pb2.FINISH_REASON_STOP,
@@ -41,6 +54,7 @@ _FINISH = {
     FinishReason.CANCELLED: vision_pb2.FINISH_REASON_CANCELLED,
     FinishReason.ERROR: vision_pb2.FINISH_REASON_ERROR,
     FinishReason.GPU_BUDGET: vision_pb2.FINISH_REASON_GPU_BUDGET,
+    FinishReason.TOOL_CALLS: vision_pb2.FINISH_REASON_TOOL_CALLS,
 }
 # (field, low, high, low inclusive, high inclusive)
 _RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (
@@ -53,6 +67,10 @@ _RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (
 )
 MAX_STOP_LENGTH = 256
 MAX_TEXT_CHARS = 1_000_000
+MAX_TOOLS = 128
+"""Tools per request (OpenAI's limit), and tool calls per message."""
+MAX_ID_CHARS = 256
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def chat_input(
@@ -69,6 +87,8 @@ def chat_input(
             raise InvalidArgument("prompt", "set either prompt or messages, not both")
         if len(request.prompt) > MAX_TEXT_CHARS:
             raise InvalidArgument("prompt", f"longer than {MAX_TEXT_CHARS} characters")
+        if request.tools:
+            raise InvalidArgument("tools", "a raw prompt has no template to show tools in")
         return ChatInput(
             model=info.name,
             messages=(),
@@ -85,11 +105,24 @@ def chat_input(
             f"{total_images} images, over the limit of {info.max_images_per_request} per request",
         )
     messages = tuple(_message(i, m, limits) for i, m in enumerate(request.messages))
+    options = _options(request.options, max_stop_strings)
+    tool_use = _tool_use(request)
+    if (
+        tool_use is not None
+        and tool_use.choice in (ToolChoice.REQUIRED, ToolChoice.FUNCTION)
+        and (options.json_object or options.json_schema is not None)
+    ):
+        raise InvalidArgument(
+            "options.response_format",
+            "cannot be combined with a required or named tool choice: the tools' "
+            "schemas constrain the reply",
+        )
     return ChatInput(
         model=info.name,
         messages=messages,
-        options=_options(request.options, max_stop_strings),
+        options=options,
         request_id=request.request_id,
+        tool_use=tool_use,
     )
 
 
@@ -97,18 +130,106 @@ def _message(index: int, message: vision_pb2.Message, limits: ImageLimits) -> Ch
     where = f"messages[{index}]"
     role = _ROLES.get(message.role)
     if role is None:
-        raise InvalidArgument(f"{where}.role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-    if not message.content.strip() and not message.images:
-        raise InvalidArgument(f"{where}.content", "a message needs text, images, or both")
+        raise InvalidArgument(
+            f"{where}.role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+        )
+    calls = _past_calls(message, role, where)
+    if not message.content.strip() and not message.images and not calls and role is not Role.TOOL:
+        raise InvalidArgument(
+            f"{where}.content", "a message needs text, images, or both (or tool calls)"
+        )
     if len(message.content) > MAX_TEXT_CHARS:
         raise InvalidArgument(f"{where}.content", f"longer than {MAX_TEXT_CHARS} characters")
     if message.images and role is not Role.USER:
         raise InvalidArgument(f"{where}.images", "only user messages may carry images")
+    for name in ("tool_call_id", "tool_name"):
+        value = getattr(message, name)
+        if value and role is not Role.TOOL:
+            raise InvalidArgument(f"{where}.{name}", "only tool messages answer tool calls")
+        if len(value) > MAX_ID_CHARS:
+            raise InvalidArgument(f"{where}.{name}", f"longer than {MAX_ID_CHARS} characters")
     images = tuple(
         decode_image(image.data, limits, f"{where}.images[{j}]")
         for j, image in enumerate(message.images)
     )
-    return ChatMessage(role=role, text=message.content, images=images)
+    return ChatMessage(
+        role=role,
+        text=message.content,
+        images=images,
+        tool_calls=calls,
+        tool_call_id=message.tool_call_id,
+        tool_name=message.tool_name,
+    )
+
+
+def _past_calls(message: vision_pb2.Message, role: Role, where: str) -> tuple[ToolCall, ...]:
+    """An assistant message's tool calls, each with JSON object arguments."""
+    if not message.tool_calls:
+        return ()
+    if role is not Role.ASSISTANT:
+        raise InvalidArgument(f"{where}.tool_calls", "only assistant messages make tool calls")
+    if len(message.tool_calls) > MAX_TOOLS:
+        raise InvalidArgument(f"{where}.tool_calls", f"at most {MAX_TOOLS} tool calls")
+    calls = []
+    for j, call in enumerate(message.tool_calls):
+        param = f"{where}.tool_calls[{j}]"
+        if not TOOL_NAME.fullmatch(call.name):
+            raise InvalidArgument(f"{param}.name", "must be 1 to 64 letters, digits, _ or -")
+        if len(call.id) > MAX_ID_CHARS:
+            raise InvalidArgument(f"{param}.id", f"longer than {MAX_ID_CHARS} characters")
+        _json_object(call.arguments_json or "{}", f"{param}.arguments_json")
+        calls.append(ToolCall(call.id, call.name, call.arguments_json or "{}"))
+    return tuple(calls)
+
+
+def _tool_use(request: vision_pb2.ChatRequest) -> ToolUse | None:
+    """The request's tools and tool choice; None when the model sees no tools."""
+    mode = request.tool_choice.mode
+    choice = _CHOICES.get(mode)
+    if choice is None:
+        raise InvalidArgument("tool_choice.mode", f"unknown tool choice mode {mode}")
+    if not request.tools:
+        if choice in (ToolChoice.REQUIRED, ToolChoice.FUNCTION):
+            raise InvalidArgument("tool_choice", "a required or named tool choice needs tools")
+        return None
+    if len(request.tools) > MAX_TOOLS:
+        raise InvalidArgument("tools", f"at most {MAX_TOOLS} tools")
+    tools: dict[str, Tool] = {}
+    chars = 0
+    for i, tool in enumerate(request.tools):
+        where = f"tools[{i}]"
+        if not TOOL_NAME.fullmatch(tool.name):
+            raise InvalidArgument(f"{where}.name", "must be 1 to 64 letters, digits, _ or -")
+        if tool.name in tools:
+            raise InvalidArgument(f"{where}.name", f"{tool.name!r} is named twice")
+        parameters = _json_object(tool.parameters_json, f"{where}.parameters_json")
+        tools[tool.name] = Tool(tool.name, tool.description, parameters)
+        chars += len(tool.name) + len(tool.description) + len(tool.parameters_json)
+    if choice is ToolChoice.NONE:
+        return None
+    function = request.tool_choice.function_name
+    if choice is ToolChoice.FUNCTION and function not in tools:
+        raise InvalidArgument(
+            "tool_choice.function_name", f"{function!r} is not one of the request's tools"
+        )
+    if function and choice is not ToolChoice.FUNCTION:
+        raise InvalidArgument(
+            "tool_choice.function_name", "set only with TOOL_CHOICE_MODE_FUNCTION"
+        )
+    parallel = not request.HasField("parallel_tool_calls") or request.parallel_tool_calls
+    return ToolUse(tuple(tools.values()), choice, function, parallel, chars)
+
+
+def _json_object(text: str, field: str) -> dict[str, Any]:
+    if not text:
+        return {"type": "object", "properties": {}}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidArgument(field, f"not valid JSON: {error.msg}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(field, "must be a JSON object")
+    return value
 
 
 def _options(options: vision_pb2.ChatOptions, max_stop_strings: int) -> SamplingOptions:
@@ -164,13 +285,7 @@ def _json_schema(text: str) -> dict[str, Any]:
     field = "options.response_format.json_schema"
     if not text:
         raise InvalidArgument(field, "required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
-    try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InvalidArgument(field, f"not valid JSON: {error.msg}") from None
-    if not isinstance(schema, dict):
-        raise InvalidArgument(field, "must be a JSON object")
-    return schema
+    return _json_object(text, field)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -200,6 +315,10 @@ def chat_final(done: ChatDone) -> vision_pb2.ChatFinal:
         usage=common_pb2.Usage(gpu_seconds=done.gpu_seconds, total_time=_duration(done.total_s)),
         text=done.text,
         model=done.model,
+        tool_calls=[
+            vision_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments)
+            for c in done.tool_calls
+        ],
     )
 
 
@@ -212,4 +331,5 @@ def vision_model(info: ModelInfo) -> vision_pb2.VisionModel:
         demo=info.demo,
         origin=common_pb2.MODEL_ORIGIN_DEMO if info.demo else common_pb2.MODEL_ORIGIN_PRETRAINED,
         source=public_source(info.source),
+        tool_call_parser=info.tool_call_parser,
     )

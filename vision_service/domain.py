@@ -16,6 +16,17 @@ class Role(Enum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the request's tools."""
+
+    id: str
+    name: str
+    arguments: str
+    """A JSON object, as text (as the model wrote it)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,47 @@ class ChatMessage:
     role: Role
     text: str
     images: tuple[Image, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    """On an assistant turn: the tools it called."""
+    tool_call_id: str = ""
+    """On a tool turn: the call it answers."""
+    tool_name: str = ""
+    """On a tool turn: the tool whose result it is."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    """JSON Schema of its arguments."""
+
+
+class ToolChoice(Enum):
+    """Whether and how tools are called."""
+
+    AUTO = "auto"
+    """The model chooses (parsed by the service's tool call parser, if it has one)."""
+    NONE = "none"
+    REQUIRED = "required"
+    FUNCTION = "function"
+    """The one named tool (ToolUse.function)."""
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The request's tools and what it asks of them."""
+
+    tools: tuple[Tool, ...]
+    choice: ToolChoice = ToolChoice.AUTO
+    function: str = ""
+    """The tool to call, with ToolChoice.FUNCTION."""
+    parallel: bool = True
+    """False: at most one call."""
+    chars: int = 0
+    """Characters of the tools' names, descriptions and schemas (they go in the prompt)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +109,8 @@ class ChatInput:
     request_id: str = ""
     prompt: str | None = None
     """Text continued as it stands, without the chat template (then no messages)."""
+    tool_use: ToolUse | None = None
+    """The tools the model may call; None: no tools (or tool choice none)."""
 
     @property
     def prompt_field(self) -> str:
@@ -65,8 +119,10 @@ class ChatInput:
 
     @property
     def text_chars(self) -> int:
-        """Characters of text over all messages (or the raw prompt)."""
-        return len(self.prompt or "") + sum(len(m.text) for m in self.messages)
+        """Characters of text over all messages (or the raw prompt), tools not
+        included (they reach the prompt only where tool calling is on)."""
+        calls = sum(len(c.arguments) for m in self.messages for c in m.tool_calls)
+        return len(self.prompt or "") + calls + sum(len(m.text) for m in self.messages)
 
     @property
     def image_count(self) -> int:
@@ -82,6 +138,7 @@ class FinishReason(Enum):
     CANCELLED = "cancelled"
     ERROR = "error"
     GPU_BUDGET = "gpu_budget"
+    TOOL_CALLS = "tool_calls"
 
 
 @dataclass(frozen=True)
@@ -107,6 +164,7 @@ class ChatDone:
     gpu_seconds: float
     text: str
     model: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 ChatEvent = ChatDelta | ChatDone
@@ -121,3 +179,4 @@ class ModelInfo:
     max_images_per_request: int
     demo: bool
     source: str
+    tool_call_parser: str = ""

@@ -27,11 +27,15 @@ from vision_service.domain import (
     ChatDone,
     ChatEvent,
     ChatInput,
+    ChatMessage,
     FinishReason,
     ModelInfo,
+    Role,
     SamplingOptions,
+    ToolCall,
 )
 from vision_service.metrics import VisionMetrics
+from vision_service.tool_calls import ToolCalling, ToolPlan, template_arguments
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ class VllmChatEngine:
         self._meter = GpuSecondsMeter(devices=float(settings.tensor_parallel_size))
         self._engine: Any = None
         self._processor: Any = None
+        self._tool_calling: ToolCalling | None = None
         self._image_tokens = 0
         marker = read_marker(Path(settings.model))
         self._info = ModelInfo(
@@ -85,6 +90,7 @@ class VllmChatEngine:
             max_images_per_request=settings.max_images_per_request,
             demo=marker is not None,
             source=settings.model,
+            tool_call_parser=settings.tool_call_parser,
         )
 
     @property
@@ -115,6 +121,7 @@ class VllmChatEngine:
     async def start(self) -> None:
         """Load the processor and the engine (the slow part: tens of seconds)."""
         from transformers import AutoProcessor
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -122,6 +129,10 @@ class VllmChatEngine:
         s = self._settings
         self._processor = await asyncio.to_thread(AutoProcessor.from_pretrained, s.model)
         self._image_tokens = _image_token_count(self._processor)
+        # Before the engine: a parser that does not fit the model fails at once.
+        self._tool_calling = ToolCalling(
+            s.tool_call_parser, self._processor.tokenizer, s.model_name
+        )
         args = AsyncEngineArgs(
             model=s.model,
             served_model_name=[s.model_name],
@@ -138,6 +149,11 @@ class VllmChatEngine:
             if current_platform.is_cpu()
             else None,
             enforce_eager=s.enforce_eager,
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            )
+            if s.compact_json
+            else StructuredOutputsConfig(),
             disable_log_stats=False,
         )
         # Off the event loop, so health checks answer NOT_SERVING meanwhile.
@@ -157,7 +173,12 @@ class VllmChatEngine:
             return 0
         return int(self._engine.get_num_unfinished_requests())
 
-    def render_prompt(self, request: ChatInput) -> list[int]:
+    def tool_plan(self, request: ChatInput) -> ToolPlan | None:
+        """What the request's tools do to its prompt, sampling and reply."""
+        assert self._tool_calling is not None, "start() first"
+        return self._tool_calling.plan(request.tool_use)
+
+    def render_prompt(self, request: ChatInput, plan: ToolPlan | None = None) -> list[int]:
         """Token ids of the conversation in the model's chat template.
 
         Each image is one placeholder token here; vLLM expands it to the
@@ -166,15 +187,11 @@ class VllmChatEngine:
         """
         if request.prompt is not None:
             return [int(i) for i in self._processor.tokenizer(request.prompt)["input_ids"]]
-        conversation = [
-            {
-                "role": m.role.value,
-                "content": [{"type": "image"} for _ in m.images]
-                + [{"type": "text", "text": m.text}],
-            }
-            for m in request.messages
-        ]
-        text = self._processor.apply_chat_template(conversation, add_generation_prompt=True)
+        conversation = [_template_message(m) for m in request.messages]
+        extra: dict[str, Any] = {} if plan is None else {"tools": plan.tools}
+        text = self._processor.apply_chat_template(
+            conversation, add_generation_prompt=True, **extra
+        )
         ids = self._processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         return [int(i) for i in ids]
 
@@ -182,7 +199,9 @@ class VllmChatEngine:
         """Prompt tokens after image expansion."""
         return len(prompt_ids) + images * (self._image_tokens - 1)
 
-    def sampling_params(self, options: SamplingOptions, prompt_tokens: int) -> Any:
+    def sampling_params(
+        self, options: SamplingOptions, prompt_tokens: int, plan: ToolPlan | None = None
+    ) -> Any:
         """Map our options to vLLM's SamplingParams (DELTA outputs)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -201,7 +220,9 @@ class VllmChatEngine:
                 f"{options.min_tokens} is more than the {max_tokens} tokens this reply may have",
             )
         structured = None
-        if options.json_schema is not None:
+        if plan is not None and plan.json_schema is not None:
+            structured = StructuredOutputsParams(json=plan.json_schema)
+        elif options.json_schema is not None:
             structured = StructuredOutputsParams(json=options.json_schema)
         elif options.json_object:
             structured = StructuredOutputsParams(json_object=True)
@@ -214,6 +235,8 @@ class VllmChatEngine:
             "ignore_eos": options.ignore_eos,
             "min_tokens": options.min_tokens,
         }
+        if plan is not None:
+            kwargs["skip_special_tokens"] = plan.skip_special_tokens
         for name in (
             "temperature",
             "top_p",
@@ -232,7 +255,8 @@ class VllmChatEngine:
         if not self.ready:
             raise Unavailable("the vision model is loading or its engine is down")
         arrival = time.monotonic()
-        chars = request.text_chars
+        plan = self.tool_plan(request)
+        chars = request.text_chars + (plan.use.chars if plan is not None else 0)
         limit = self._settings.prompt_char_limit
         if chars > limit:
             # Refused before tokenizing: a huge prompt must not cost the service
@@ -243,9 +267,9 @@ class VllmChatEngine:
                 f"model's context of {self._settings.max_model_len} tokens",
             )
         if chars > _OFF_LOOP_CHARS:  # template and tokenizer off the event loop
-            prompt_ids = await asyncio.to_thread(self.render_prompt, request)
+            prompt_ids = await asyncio.to_thread(self.render_prompt, request, plan)
         else:
-            prompt_ids = self.render_prompt(request)
+            prompt_ids = self.render_prompt(request, plan)
         prompt_tokens = self.prompt_length(prompt_ids, request.image_count)
         if prompt_tokens >= self._settings.max_model_len:
             raise InvalidArgument(
@@ -253,7 +277,8 @@ class VllmChatEngine:
                 f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
                 f"{self._settings.max_model_len} tokens (leave room for the reply)",
             )
-        params = self.sampling_params(request.options, prompt_tokens)
+        params = self.sampling_params(request.options, prompt_tokens, plan)
+        reply = plan.reply() if plan is not None else None
         images = [image for m in request.messages for image in m.images]
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
         if images:
@@ -264,7 +289,7 @@ class VllmChatEngine:
         finished = False
         first_token_at: float | None = None
         last_token_at = arrival
-        pieces: list[str] = []
+        streamed: list[str] = []  # the deltas sent: the final text is their concatenation
         completion_tokens = 0
         reason = FinishReason.ERROR
         try:
@@ -280,12 +305,12 @@ class VllmChatEngine:
                         self._metrics.inter_token.observe((now - last_token_at) / new_tokens)
                     last_token_at = now
                     completion_tokens += new_tokens
-                if completion.text:
-                    first_piece = not pieces
-                    pieces.append(completion.text)
-                    yield ChatDelta(
-                        completion.text, completion_tokens, prompt_tokens if first_piece else 0
-                    )
+                piece = completion.text
+                if piece and reply is not None:
+                    piece = reply.feed(piece)
+                if piece:
+                    yield ChatDelta(piece, completion_tokens, 0 if streamed else prompt_tokens)
+                    streamed.append(piece)
                 if output.finished:
                     finished = True
                     reason = _FINISH.get(completion.finish_reason or "", FinishReason.ERROR)
@@ -303,6 +328,12 @@ class VllmChatEngine:
             if not finished and self._engine is not None:
                 # The caller left (cancel, deadline, closed stream): stop computing now.
                 await asyncio.shield(self._engine.abort(engine_id))
+        calls: tuple[ToolCall, ...] = ()
+        if reply is not None:
+            last, calls, reason = reply.finish(reason)
+            if last:  # the content held back, streamed last
+                yield ChatDelta(last, completion_tokens, 0 if streamed else prompt_tokens)
+                streamed.append(last)
         end = time.monotonic()
         yield ChatDone(
             finish_reason=reason,
@@ -311,8 +342,9 @@ class VllmChatEngine:
             time_to_first_token_s=(first_token_at or end) - arrival,
             total_s=end - arrival,
             gpu_seconds=gpu_seconds,
-            text="".join(pieces),
+            text="".join(streamed),
             model=self._info.name,
+            tool_calls=calls,
         )
 
 
@@ -334,3 +366,27 @@ def _image_token_count(processor: Any) -> int:
     if getattr(processor, "vision_feature_select_strategy", "default") == "default":
         tokens -= int(getattr(processor, "num_additional_image_tokens", 0))
     return tokens
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """One turn as chat templates take it (Hugging Face's message shape)."""
+    turn: dict[str, Any] = {"role": message.role.value}
+    if message.role is Role.TOOL:
+        turn["content"] = message.text
+        turn["tool_call_id"] = message.tool_call_id
+        if message.tool_name:
+            turn["name"] = message.tool_name
+        return turn
+    turn["content"] = [{"type": "image"} for _ in message.images] + [
+        {"type": "text", "text": message.text}
+    ]
+    if message.tool_calls:
+        turn["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": template_arguments(c.arguments)},
+            }
+            for c in message.tool_calls
+        ]
+    return turn

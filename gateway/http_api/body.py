@@ -153,16 +153,49 @@ def json_schema_format(schema: Any, param: str) -> vision_pb2.ResponseFormat:
     )
 
 
-def tools(value: Any, param: str) -> None:
-    """Tool declarations checked for shape (the served models leave them unused)."""
+def tools(value: Any, param: str) -> list[vision_pb2.Tool]:
+    """Function tools, as OpenAI and Ollama declare them."""
     if value is None:
-        return
+        return []
     if not isinstance(value, list):
         raise InvalidArgument(param, "must be a list of tools")
+    out = []
     for i, tool in enumerate(value):
-        function = tool.get("function") if isinstance(tool, dict) else None
+        where = f"{param}[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise InvalidArgument(f"{where}.type", "only function tools are supported")
+        function = tool.get("function")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise InvalidArgument(f"{param}[{i}].function.name", "each tool names its function")
+            raise InvalidArgument(f"{where}.function.name", "each tool names its function")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise InvalidArgument(f"{where}.function.parameters", "must be a JSON Schema object")
+        out.append(
+            vision_pb2.Tool(
+                name=function["name"],
+                description=get(function, "description", str, f"{where}.function.description")
+                or "",
+                parameters_json=json.dumps(parameters) if parameters else "",
+            )
+        )
+    return out
+
+
+def tool_call(value: Any, where: str, arguments_as_text: bool) -> vision_pb2.ToolCall:
+    """A past tool call in a conversation: OpenAI's arguments are JSON text,
+    Ollama's an object."""
+    function = value.get("function") if isinstance(value, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidArgument(f"{where}.function.name", "each tool call names its function")
+    arguments = function.get("arguments")
+    if arguments_as_text:
+        text = get(function, "arguments", str, f"{where}.function.arguments") or "{}"
+    elif arguments is None or isinstance(arguments, dict):
+        text = json.dumps(arguments or {})
+    else:
+        raise InvalidArgument(f"{where}.function.arguments", "must be an object")
+    call_id = get(value, "id", str, f"{where}.id") or ""
+    return vision_pb2.ToolCall(id=call_id, name=function["name"], arguments_json=text)
 
 
 MAX_SEED = 2**63 - 1

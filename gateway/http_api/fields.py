@@ -72,7 +72,12 @@ class Fields:
 
 # --- shared pieces ------------------------------------------------------------
 
-NO_TOOL_CALLS = "the served models do not call tools"
+_TOOLS = (
+    "function tools: called when tool_choice is required or names one (on every model, by "
+    "structured decoding); with auto, called where the vision service runs a tool call "
+    "parser for the model (--tool-call-parser), else left unused"
+)
+_LEGACY_FUNCTIONS = "OpenAI's deprecated functions: send tools"
 _USER = "accepted: OpenAI's end-user id for its abuse reports; dreamsight accounts by key"
 _VLLM_APPLIED: dict[str, Spec] = {
     "top_k": Applied("vLLM's: sample among the k likeliest tokens"),
@@ -188,15 +193,18 @@ OPENAI_CHAT = Fields(
     "POST /v1/chat/completions",
     {
         **_OPENAI_SAMPLING,
-        "messages": Applied("system, developer, user and assistant turns; text and image parts"),
+        "messages": Applied(
+            "system, developer, user, assistant (with tool_calls) and tool turns; text and "
+            "image parts"
+        ),
         "max_completion_tokens": Applied("the most tokens to generate"),
         "stream_options": Applied("include_usage"),
         "response_format": Applied("text, json_object or json_schema"),
-        "tools": Applied(f"accepted and left unused ({NO_TOOL_CALLS})"),
-        "tool_choice": Refused(f"{NO_TOOL_CALLS}: send tool_choice auto or none", ("auto", "none")),
-        "parallel_tool_calls": Applied(f"accepted and moot ({NO_TOOL_CALLS})"),
-        "functions": Refused(NO_TOOL_CALLS),
-        "function_call": Refused(NO_TOOL_CALLS, ("auto", "none")),
+        "tools": Applied(_TOOLS),
+        "tool_choice": Applied('auto, none, required or {"type": "function", ...}'),
+        "parallel_tool_calls": Applied("false: at most one tool call"),
+        "functions": Refused(_LEGACY_FUNCTIONS),
+        "function_call": Refused(_LEGACY_FUNCTIONS, ("auto", "none")),
         "audio": Refused("audio is not supported"),
         "modalities": Refused("replies are text", (["text"],)),
         "prediction": Refused("predicted outputs are not supported"),
@@ -270,8 +278,13 @@ OLLAMA_CHAT = Fields(
     "POST /api/chat",
     {
         **_OLLAMA_COMMON,
-        "messages": Applied("system, user and assistant turns; base64 images"),
-        "tools": Applied(f"accepted and left unused ({NO_TOOL_CALLS})"),
+        "messages": Applied(
+            "system, user, assistant (with tool_calls) and tool turns; base64 images"
+        ),
+        "tools": Applied(
+            "function tools, called where the vision service runs a tool call parser for the "
+            "model (--tool-call-parser), else left unused (Ollama has no tool_choice)"
+        ),
     },
     {"options": OLLAMA_OPTIONS},
 )

@@ -35,6 +35,7 @@ from gateway.http_api.body import (
     off_loop_if_large,
     read_json,
     stop_strings,
+    tool_call,
     tools,
 )
 from gateway.http_api.errors import HttpError, error_middleware, http_error
@@ -47,8 +48,10 @@ _ROLES = {
     "system": vision_pb2.ROLE_SYSTEM,
     "user": vision_pb2.ROLE_USER,
     "assistant": vision_pb2.ROLE_ASSISTANT,
+    "tool": vision_pb2.ROLE_TOOL,
 }
 _DONE_REASONS = {
+    vision_pb2.FINISH_REASON_TOOL_CALLS: "stop",  # Ollama's word: the turn ended
     vision_pb2.FINISH_REASON_STOP: "stop",
     vision_pb2.FINISH_REASON_LENGTH: "length",
     vision_pb2.FINISH_REASON_GPU_BUDGET: "length",  # cut short: the clients' word for it
@@ -95,19 +98,18 @@ def _message(index: int, value: Any) -> vision_pb2.Message:
     where = f"messages[{index}]"
     if not isinstance(value, dict):
         raise InvalidArgument(where, "must be an object")
-    if value.get("tool_calls"):
-        raise InvalidArgument(f"{where}.tool_calls", fields.NO_TOOL_CALLS)
     role = _ROLES.get(value.get("role", ""))
     if role is None:
-        if value.get("role") == "tool":
-            raise InvalidArgument(
-                f"{where}.role", f"tool results answer tool calls, and {fields.NO_TOOL_CALLS}"
-            )
-        raise InvalidArgument(f"{where}.role", "must be system, user or assistant")
+        raise InvalidArgument(f"{where}.role", "must be system, user, assistant or tool")
+    calls = value.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise InvalidArgument(f"{where}.tool_calls", "must be a list of tool calls")
     return vision_pb2.Message(
         role=role,
         content=get(value, "content", str, f"{where}.content") or "",
         images=_images(value.get("images"), f"{where}.images"),
+        tool_calls=[tool_call(c, f"{where}.tool_calls[{j}]", False) for j, c in enumerate(calls)],
+        tool_name=get(value, "tool_name", str, f"{where}.tool_name") or "",
     )
 
 
@@ -143,7 +145,6 @@ def _options(body: dict[str, Any]) -> vision_pb2.ChatOptions:
 def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
     """POST /api/chat's body as a ChatRequest."""
     fields.OLLAMA_CHAT.check(body)
-    tools(body.get("tools"), "tools")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidArgument("messages", "must be a list of messages")
@@ -151,6 +152,7 @@ def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
         model=_model_name(body),
         messages=[_message(i, m) for i, m in enumerate(messages)],
         options=_options(body),
+        tools=tools(body.get("tools"), "tools"),
     )
 
 
@@ -220,6 +222,35 @@ def _piece(kind: str, model: str, content: str) -> dict[str, Any]:
     return {"model": model, "created_at": _now(), **text}
 
 
+def _tool_calls(final: vision_pb2.ChatFinal) -> tuple[list[dict[str, Any]], str]:
+    """The reply's tool calls as Ollama's message has them (arguments an object),
+    and the text of any whose arguments are not a JSON object (cut short), which
+    Ollama gives as content."""
+    calls: list[dict[str, Any]] = []
+    text = ""
+    for c in final.tool_calls:
+        try:
+            arguments = json.loads(c.arguments_json)
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            text += c.arguments_json
+            continue
+        function = {"index": len(calls), "name": c.name, "arguments": arguments}
+        calls.append({"id": c.id, "function": function})
+    return calls, text
+
+
+def _with_calls(piece: dict[str, Any], final: vision_pb2.ChatFinal) -> dict[str, Any]:
+    """A chat object's message with the reply's tool calls, if it made any."""
+    calls, text = _tool_calls(final)
+    message = piece.get("message")
+    if message is not None and (calls or text):
+        message = {**message, "content": message["content"] + text}
+        piece = {**piece, "message": {**message, "tool_calls": calls} if calls else message}
+    return piece
+
+
 def _line(value: dict[str, Any]) -> bytes:
     return json.dumps(value).encode() + b"\n"
 
@@ -269,7 +300,8 @@ class OllamaApi:
             first = await self._up.first_reply(request, PROTOCOL, call, chat.model)
             if stream is False:
                 messages = await call.rest(first)
-                reply = {**piece(reply_text(messages)), **_done(messages[-1].final)}
+                final = messages[-1].final
+                reply = {**_with_calls(piece(reply_text(messages)), final), **_done(final)}
                 return web.json_response(reply, headers={"X-Request-Id": call.request_id})
             return await self._lines(request, call, first, piece)
 
@@ -288,6 +320,9 @@ class OllamaApi:
         try:
             while message is not None:
                 if message.HasField("final"):
+                    if message.final.tool_calls:  # as Ollama: a line of their own
+                        calls = {**_with_calls(piece(""), message.final), "done": False}
+                        await response.write(_line(calls))
                     line = {**piece(""), **_done(message.final)}
                 else:
                     line = {**piece(message.delta), "done": False}
@@ -333,7 +368,9 @@ class OllamaApi:
                 "template": "",
                 "details": _details(model),
                 "model_info": info,
-                "capabilities": ["completion", "vision"],
+                # "tools": it may call them (Ollama's tools have no tool_choice).
+                "capabilities": ["completion", "vision"]
+                + (["tools"] if model.tool_call_parser else []),
                 "modified_at": _EPOCH,
             }
         )

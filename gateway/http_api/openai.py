@@ -41,6 +41,7 @@ from gateway.http_api.body import (
     off_loop_if_large,
     read_json,
     stop_strings,
+    tool_call,
     tools,
 )
 from gateway.http_api.errors import HttpError, error_middleware, http_error
@@ -54,11 +55,18 @@ _ROLES = {
     "developer": vision_pb2.ROLE_SYSTEM,
     "user": vision_pb2.ROLE_USER,
     "assistant": vision_pb2.ROLE_ASSISTANT,
+    "tool": vision_pb2.ROLE_TOOL,
+}
+_TOOL_CHOICES = {
+    "auto": vision_pb2.TOOL_CHOICE_MODE_AUTO,
+    "none": vision_pb2.TOOL_CHOICE_MODE_NONE,
+    "required": vision_pb2.TOOL_CHOICE_MODE_REQUIRED,
 }
 _FINISH = {
     vision_pb2.FINISH_REASON_STOP: "stop",
     vision_pb2.FINISH_REASON_LENGTH: "length",
     vision_pb2.FINISH_REASON_GPU_BUDGET: "length",  # cut short: the clients' word for it
+    vision_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 # OpenAI's sampling parameters, then vLLM's extensions that ChatOptions also has.
 _FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p")
@@ -126,17 +134,39 @@ def _message(index: int, value: Any) -> vision_pb2.Message:
     where = f"messages[{index}]"
     if not isinstance(value, dict):
         raise InvalidArgument(where, "must be an object")
-    if value.get("tool_calls"):
-        raise InvalidArgument(f"{where}.tool_calls", fields.NO_TOOL_CALLS)
     role = _ROLES.get(value.get("role", ""))
     if role is None:
-        if value.get("role") in ("tool", "function"):
+        if value.get("role") == "function":
             raise InvalidArgument(
-                f"{where}.role", f"tool results answer tool calls, and {fields.NO_TOOL_CALLS}"
+                f"{where}.role", "legacy function results are not supported: send tool messages"
             )
-        raise InvalidArgument(f"{where}.role", "must be system, developer, user or assistant")
+        raise InvalidArgument(f"{where}.role", "must be system, developer, user, assistant or tool")
     text, images = _content(value.get("content"), f"{where}.content")
-    return vision_pb2.Message(role=role, content=text, images=images)
+    calls = value.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise InvalidArgument(f"{where}.tool_calls", "must be a list of tool calls")
+    return vision_pb2.Message(
+        role=role,
+        content=text,
+        images=images,
+        tool_calls=[tool_call(c, f"{where}.tool_calls[{j}]", True) for j, c in enumerate(calls)],
+        tool_call_id=get(value, "tool_call_id", str, f"{where}.tool_call_id") or "",
+    )
+
+
+def _tool_choice(value: Any) -> vision_pb2.ToolChoice:
+    if value is None:
+        return vision_pb2.ToolChoice()
+    if isinstance(value, str) and value in _TOOL_CHOICES:
+        return vision_pb2.ToolChoice(mode=_TOOL_CHOICES[value])
+    function = value.get("function") if isinstance(value, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(name, str):
+        return vision_pb2.ToolChoice(mode=vision_pb2.TOOL_CHOICE_MODE_FUNCTION, function_name=name)
+    raise InvalidArgument(
+        "tool_choice",
+        'must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+    )
 
 
 def _response_format(value: Any) -> vision_pb2.ResponseFormat:
@@ -177,7 +207,6 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
 def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
     fields.OPENAI_CHAT.check(body)
     model = _model(body)
-    tools(body.get("tools"), "tools")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidArgument("messages", "must be a non-empty list of messages")
@@ -189,7 +218,12 @@ def _chat_request(body: dict[str, Any]) -> vision_pb2.ChatRequest:
         **_sampling(body, max_tokens),
     )
     return vision_pb2.ChatRequest(
-        model=model, messages=[_message(i, m) for i, m in enumerate(messages)], options=options
+        model=model,
+        messages=[_message(i, m) for i, m in enumerate(messages)],
+        options=options,
+        tools=tools(body.get("tools"), "tools"),
+        tool_choice=_tool_choice(body.get("tool_choice")),
+        parallel_tool_calls=get(body, "parallel_tool_calls", bool, "parallel_tool_calls"),
     )
 
 
@@ -225,9 +259,25 @@ def _finish(final: vision_pb2.ChatFinal) -> str:
     return _FINISH.get(final.finish_reason, "stop")
 
 
+def _tool_calls(final: vision_pb2.ChatFinal, indexed: bool = False) -> list[dict[str, Any]]:
+    """The reply's tool calls as OpenAI's message (or, indexed, a stream's delta) has them."""
+    return [
+        {
+            **({"index": i} if indexed else {}),
+            "id": c.id,
+            "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments_json},
+        }
+        for i, c in enumerate(final.tool_calls)
+    ]
+
+
 def _chat_whole(head: dict[str, Any], messages: list[vision_pb2.ChatResponse]) -> dict[str, Any]:
     final = messages[-1].final
-    message = {"role": "assistant", "content": reply_text(messages), "refusal": None}
+    text = reply_text(messages)
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if final.tool_calls:
+        message.update(content=text or None, tool_calls=_tool_calls(final))
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(final)}
     return {
         **head,
@@ -241,6 +291,12 @@ def _chat_whole(head: dict[str, Any], messages: list[vision_pb2.ChatResponse]) -
 def _chat_piece(text: str | None, finish: str | None) -> dict[str, Any]:
     delta = {} if text is None else {"content": text}
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _tool_calls_piece(final: vision_pb2.ChatFinal) -> dict[str, Any]:
+    """A stream's tool calls, whole, in the chunk before the last."""
+    delta = {"tool_calls": _tool_calls(final, indexed=True)}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
 def _text_whole(head: dict[str, Any], messages: list[vision_pb2.ChatResponse]) -> dict[str, Any]:
@@ -311,6 +367,8 @@ def _model_entry(name: str, parent: str | None, kind: str, demo: bool) -> dict[s
 
 def _chat_model(model: vision_pb2.VisionModel) -> dict[str, Any]:
     entry = _model_entry(model.name, None, "chat", model.demo)
+    if model.tool_call_parser:  # it may call tools of its own choice (tool_choice auto)
+        entry["capabilities"] = [*entry["capabilities"], "tools"]
     return {**entry, "max_model_len": model.context_length}
 
 
@@ -421,6 +479,10 @@ class OpenAIApi:
                 else:
                     final = message.final
                     prompt_tokens = final.prompt_tokens
+                    if final.tool_calls:
+                        await response.write(
+                            chunk(_tool_calls_piece(final), final.completion_tokens)
+                        )
                     end = shape.piece(None, _finish(final))
                     await response.write(chunk(end, final.completion_tokens))
                     if usage.last:

@@ -37,6 +37,8 @@ from dreamsight._types import (
     MessageLike,
     Model,
     Options,
+    Tool,
+    ToolChoice,
     TrainingJob,
     Usage,
 )
@@ -240,6 +242,8 @@ class Client(_Common):
         messages: Sequence[MessageLike] | MessageLike = (),
         *,
         options: Options | None = None,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | None = None,
         stream: Literal[False] = False,
         timeout: float | Literal["default"] | None = "default",
     ) -> ChatResponse: ...
@@ -251,6 +255,8 @@ class Client(_Common):
         messages: Sequence[MessageLike] | MessageLike = (),
         *,
         options: Options | None = None,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | None = None,
         stream: Literal[True],
         timeout: float | Literal["default"] | None = "default",
     ) -> Iterator[ChatChunk]: ...
@@ -261,11 +267,20 @@ class Client(_Common):
         messages: Sequence[MessageLike] | MessageLike = (),
         *,
         options: Options | None = None,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | None = None,
         stream: bool = False,
         timeout: float | Literal["default"] | None = "default",
     ) -> ChatResponse | Iterator[ChatChunk]:
-        """Chat about images. ``stream=True`` yields chunks; the last has ``done``."""
-        request = _convert.chat_request(model, messages, options, uuid.uuid4().hex)  # type: ignore[arg-type]
+        """Chat about images. ``stream=True`` yields chunks; the last has ``done``.
+
+        ``tools`` the model may call: ``tool_choice`` "required" or one Tool
+        makes it call (any model); "auto" lets it choose where the service
+        runs a tool call parser. The calls are the response's ``tool_calls``.
+        """
+        request = _convert.chat_request(
+            model, messages, options, uuid.uuid4().hex, tools, tool_choice
+        )
         chunks = (
             _convert.chat_chunk(r)
             for r in self._stream(self._vision.Chat, request, self._timeout("chat", timeout))
@@ -632,6 +647,8 @@ class AsyncClient(_Common):
         messages: Sequence[MessageLike] | MessageLike = (),
         *,
         options: Options | None = None,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | None = None,
         stream: Literal[False] = False,
         timeout: float | Literal["default"] | None = "default",
     ) -> ChatResponse: ...
@@ -643,6 +660,8 @@ class AsyncClient(_Common):
         messages: Sequence[MessageLike] | MessageLike = (),
         *,
         options: Options | None = None,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | None = None,
         stream: Literal[True],
         timeout: float | Literal["default"] | None = "default",
     ) -> AsyncIterator[ChatChunk]: ...
@@ -653,11 +672,20 @@ class AsyncClient(_Common):
         messages: Sequence[MessageLike] | MessageLike = (),
         *,
         options: Options | None = None,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | None = None,
         stream: bool = False,
         timeout: float | Literal["default"] | None = "default",
     ) -> ChatResponse | AsyncIterator[ChatChunk]:
-        """Chat about images. ``stream=True`` yields chunks; the last has ``done``."""
-        request = _convert.chat_request(model, messages, options, uuid.uuid4().hex)  # type: ignore[arg-type]
+        """Chat about images. ``stream=True`` yields chunks; the last has ``done``.
+
+        ``tools`` the model may call: ``tool_choice`` "required" or one Tool
+        makes it call (any model); "auto" lets it choose where the service
+        runs a tool call parser. The calls are the response's ``tool_calls``.
+        """
+        request = _convert.chat_request(
+            model, messages, options, uuid.uuid4().hex, tools, tool_choice
+        )
         responses = self._stream(self._vision.Chat, request, self._timeout("chat", timeout))
 
         async def chunks() -> AsyncIterator[ChatChunk]:

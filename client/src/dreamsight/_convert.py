@@ -24,6 +24,9 @@ from dreamsight._types import (
     MessageLike,
     Model,
     Options,
+    Tool,
+    ToolCall,
+    ToolChoice,
     TrainingJob,
     Usage,
     UsageWindow,
@@ -37,10 +40,18 @@ _ROLES = {
     "system": vision_pb2.ROLE_SYSTEM,
     "user": vision_pb2.ROLE_USER,
     "assistant": vision_pb2.ROLE_ASSISTANT,
+    "tool": vision_pb2.ROLE_TOOL,
+}
+_TOOL_CHOICES = {
+    "auto": vision_pb2.TOOL_CHOICE_MODE_AUTO,
+    "none": vision_pb2.TOOL_CHOICE_MODE_NONE,
+    "required": vision_pb2.TOOL_CHOICE_MODE_REQUIRED,
 }
 _FINISH = {
     vision_pb2.FINISH_REASON_STOP: "stop",
     vision_pb2.FINISH_REASON_LENGTH: "length",
+    vision_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
+    vision_pb2.FINISH_REASON_GPU_BUDGET: "gpu_budget",
     vision_pb2.FINISH_REASON_CANCELLED: "cancelled",
     vision_pb2.FINISH_REASON_ERROR: "error",
 }
@@ -84,16 +95,54 @@ def message(value: MessageLike) -> vision_pb2.Message:
             role=value.get("role", "user"),
             content=value.get("content", ""),
             images=tuple(value.get("images", ())),
+            tool_calls=tuple(value.get("tool_calls", ())),
+            tool_call_id=value.get("tool_call_id", ""),
+            tool_name=value.get("tool_name", ""),
         )
     if value.role not in _ROLES:
-        raise ValueError(f"role must be system, user or assistant, not {value.role!r}")
+        raise ValueError(f"role must be system, user, assistant or tool, not {value.role!r}")
     return vision_pb2.Message(
-        role=_ROLES[value.role], content=value.content, images=[image(i) for i in value.images]
+        role=_ROLES[value.role],
+        content=value.content,
+        images=[image(i) for i in value.images],
+        tool_calls=[
+            vision_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments)
+            for c in value.tool_calls
+        ],
+        tool_call_id=value.tool_call_id,
+        tool_name=value.tool_name,
     )
 
 
+def tool(value: Tool) -> vision_pb2.Tool:
+    """A tool declaration."""
+    return vision_pb2.Tool(
+        name=value.name,
+        description=value.description,
+        parameters_json=json.dumps(value.parameters) if value.parameters is not None else "",
+    )
+
+
+def tool_choice(value: ToolChoice | None) -> vision_pb2.ToolChoice:
+    """auto, none, required, or one Tool to call."""
+    if value is None:
+        return vision_pb2.ToolChoice()
+    if isinstance(value, Tool):
+        return vision_pb2.ToolChoice(
+            mode=vision_pb2.TOOL_CHOICE_MODE_FUNCTION, function_name=value.name
+        )
+    if value not in _TOOL_CHOICES:
+        raise ValueError(f"tool_choice must be auto, none, required or a Tool, not {value!r}")
+    return vision_pb2.ToolChoice(mode=_TOOL_CHOICES[value])
+
+
 def chat_request(
-    model: str, messages: Sequence[MessageLike], options: Options | None, request_id: str
+    model: str,
+    messages: Sequence[MessageLike] | MessageLike,
+    options: Options | None,
+    request_id: str,
+    tools: Sequence[Tool] = (),
+    choice: ToolChoice | None = None,
 ) -> vision_pb2.ChatRequest:
     """A ChatRequest."""
     opts = vision_pb2.ChatOptions()
@@ -115,6 +164,8 @@ def chat_request(
         messages=[message(m) for m in messages],
         options=opts,
         request_id=request_id,
+        tools=[tool(t) for t in tools],
+        tool_choice=tool_choice(choice),
     )
 
 
@@ -130,6 +181,7 @@ def chat_response(final: vision_pb2.ChatFinal) -> ChatResponse:
         gpu_seconds=final.usage.gpu_seconds,
         model=final.model,
         raw=final,
+        tool_calls=tuple(ToolCall(c.id, c.name, c.arguments_json) for c in final.tool_calls),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,21 +14,62 @@ ImageInput = str | os.PathLike[str] | bytes | Any
 """An image: a file path, encoded bytes, or a PIL image (PIL is optional)."""
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the request's tools, as the model made it."""
+
+    id: str
+    name: str
+    arguments: str
+    """A JSON object, as text (incomplete when the reply was cut short)."""
+
+    def parsed_arguments(self) -> dict[str, Any]:
+        """The arguments as a dict (raises ValueError when they are not a JSON object)."""
+        value = json.loads(self.arguments)
+        if not isinstance(value, dict):
+            raise ValueError(f"the arguments of {self.name} are not a JSON object")
+        return value
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    """JSON Schema of its arguments."""
+
+
+ToolChoice = Literal["auto", "none", "required"] | Tool
+"""Whether tools are called: auto (the model chooses), none, required, or
+this one tool."""
+
+
 class MessageDict(TypedDict, total=False):
     """A chat message as a dict, as ollama-python takes it."""
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
     images: Sequence[ImageInput]
+    tool_calls: Sequence[ToolCall]
+    tool_call_id: str
+    tool_name: str
 
 
 @dataclass(frozen=True)
 class Message:
     """One turn of a conversation."""
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: Sequence[ImageInput] = ()
+    tool_calls: Sequence[ToolCall] = ()
+    """On an assistant turn: the tool calls it made (ChatResponse.tool_calls)."""
+    tool_call_id: str = ""
+    """On a tool turn: the call whose result this is."""
+    tool_name: str = ""
+    """On a tool turn: the tool whose result this is."""
 
 
 MessageLike = Message | MessageDict | str
@@ -61,7 +103,7 @@ class ChatResponse:
 
     text: str
     finish_reason: str
-    """"stop", "length", "cancelled" or "error"."""
+    """"stop", "length", "tool_calls", "gpu_budget", "cancelled" or "error"."""
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token: float
@@ -70,6 +112,8 @@ class ChatResponse:
     model: str
     raw: Any = field(repr=False, default=None)
     """The ChatFinal protobuf."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The tools the model called, in order."""
 
 
 @dataclass(frozen=True)

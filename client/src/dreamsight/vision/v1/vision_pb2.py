@@ -26,41 +26,49 @@ from dreamsight.common.v1 import common_pb2 as dreamsight_dot_common_dot_v1_dot_
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!dreamsight/vision/v1/vision.proto\x12\x14\x64reamsight.vision.v1\x1a!dreamsight/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"q\n\x07Message\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.dreamsight.vision.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\x06images\x18\x03 \x03(\x0b\x32\x1b.dreamsight.common.v1.Image\"]\n\x0eResponseFormat\x12\x36\n\x04type\x18\x01 \x01(\x0e\x32(.dreamsight.vision.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"\x94\x04\n\x0b\x43hatOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x11\n\x04seed\x18\n \x01(\x03H\x08\x88\x01\x01\x12=\n\x0fresponse_format\x18\x0b \x01(\x0b\x32$.dreamsight.vision.v1.ResponseFormat\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\r \x01(\rH\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokens\"\xa5\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.dreamsight.vision.v1.Message\x12\x32\n\x07options\x18\x03 \x01(\x0b\x32!.dreamsight.vision.v1.ChatOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\"\xf9\x01\n\tChatFinal\x12\x39\n\rfinish_reason\x18\x01 \x01(\x0e\x32\".dreamsight.vision.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x05usage\x18\x05 \x01(\x0b\x32\x1b.dreamsight.common.v1.Usage\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\"\x8c\x01\n\x0c\x43hatResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.dreamsight.vision.v1.ChatFinalH\x00\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\rB\x07\n\x05\x65vent\"\xa4\x01\n\x0bVisionModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x65mo\x18\x04 \x01(\x08\x12\x31\n\x06origin\x18\x05 \x01(\x0e\x32!.dreamsight.common.v1.ModelOrigin\x12\x0e\n\x06source\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.dreamsight.vision.v1.VisionModel\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x10GetModelResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.dreamsight.vision.v1.VisionModel*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x9e\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_JSON\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\xb3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_GPU_BUDGET\x10\x05\x32\x9c\x02\n\rVisionService\x12O\n\x04\x43hat\x12!.dreamsight.vision.v1.ChatRequest\x1a\".dreamsight.vision.v1.ChatResponse0\x01\x12_\n\nListModels\x12\'.dreamsight.vision.v1.ListModelsRequest\x1a(.dreamsight.vision.v1.ListModelsResponse\x12Y\n\x08GetModel\x12%.dreamsight.vision.v1.GetModelRequest\x1a&.dreamsight.vision.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!dreamsight/vision/v1/vision.proto\x12\x14\x64reamsight.vision.v1\x1a!dreamsight/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"W\n\nToolChoice\x12\x32\n\x04mode\x18\x01 \x01(\x0e\x32$.dreamsight.vision.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"\xce\x01\n\x07Message\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.dreamsight.vision.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\x06images\x18\x03 \x03(\x0b\x32\x1b.dreamsight.common.v1.Image\x12\x32\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1e.dreamsight.vision.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x11\n\ttool_name\x18\x06 \x01(\t\"]\n\x0eResponseFormat\x12\x36\n\x04type\x18\x01 \x01(\x0e\x32(.dreamsight.vision.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"\x94\x04\n\x0b\x43hatOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x11\n\x04seed\x18\n \x01(\x03H\x08\x88\x01\x01\x12=\n\x0fresponse_format\x18\x0b \x01(\x0b\x32$.dreamsight.vision.v1.ResponseFormat\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\r \x01(\rH\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokens\"\xc1\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.dreamsight.vision.v1.Message\x12\x32\n\x07options\x18\x03 \x01(\x0b\x32!.dreamsight.vision.v1.ChatOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12)\n\x05tools\x18\x06 \x03(\x0b\x32\x1a.dreamsight.vision.v1.Tool\x12\x35\n\x0btool_choice\x18\x07 \x01(\x0b\x32 .dreamsight.vision.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\xad\x02\n\tChatFinal\x12\x39\n\rfinish_reason\x18\x01 \x01(\x0e\x32\".dreamsight.vision.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x05usage\x18\x05 \x01(\x0b\x32\x1b.dreamsight.common.v1.Usage\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x32\n\ntool_calls\x18\x08 \x03(\x0b\x32\x1e.dreamsight.vision.v1.ToolCall\"\x8c\x01\n\x0c\x43hatResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.dreamsight.vision.v1.ChatFinalH\x00\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\rB\x07\n\x05\x65vent\"\xbe\x01\n\x0bVisionModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x65mo\x18\x04 \x01(\x08\x12\x31\n\x06origin\x18\x05 \x01(\x0e\x32!.dreamsight.common.v1.ModelOrigin\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x18\n\x10tool_call_parser\x18\x07 \x01(\t\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.dreamsight.vision.v1.VisionModel\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x10GetModelResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.dreamsight.vision.v1.VisionModel*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*\x9e\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_JSON\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\xd1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_GPU_BUDGET\x10\x05\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x06\x32\x9c\x02\n\rVisionService\x12O\n\x04\x43hat\x12!.dreamsight.vision.v1.ChatRequest\x1a\".dreamsight.vision.v1.ChatResponse0\x01\x12_\n\nListModels\x12\'.dreamsight.vision.v1.ListModelsRequest\x1a(.dreamsight.vision.v1.ListModelsResponse\x12Y\n\x08GetModel\x12%.dreamsight.vision.v1.GetModelRequest\x1a&.dreamsight.vision.v1.GetModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dreamsight.vision.v1.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1798
-  _globals['_ROLE']._serialized_end=1878
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=1881
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=2039
-  _globals['_FINISHREASON']._serialized_start=2042
-  _globals['_FINISHREASON']._serialized_end=2221
-  _globals['_MESSAGE']._serialized_start=126
-  _globals['_MESSAGE']._serialized_end=239
-  _globals['_RESPONSEFORMAT']._serialized_start=241
-  _globals['_RESPONSEFORMAT']._serialized_end=334
-  _globals['_CHATOPTIONS']._serialized_start=337
-  _globals['_CHATOPTIONS']._serialized_end=869
-  _globals['_CHATREQUEST']._serialized_start=872
-  _globals['_CHATREQUEST']._serialized_end=1037
-  _globals['_CHATFINAL']._serialized_start=1040
-  _globals['_CHATFINAL']._serialized_end=1289
-  _globals['_CHATRESPONSE']._serialized_start=1292
-  _globals['_CHATRESPONSE']._serialized_end=1432
-  _globals['_VISIONMODEL']._serialized_start=1435
-  _globals['_VISIONMODEL']._serialized_end=1599
-  _globals['_LISTMODELSREQUEST']._serialized_start=1601
-  _globals['_LISTMODELSREQUEST']._serialized_end=1620
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1622
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1693
-  _globals['_GETMODELREQUEST']._serialized_start=1695
-  _globals['_GETMODELREQUEST']._serialized_end=1726
-  _globals['_GETMODELRESPONSE']._serialized_start=1728
-  _globals['_GETMODELRESPONSE']._serialized_end=1796
-  _globals['_VISIONSERVICE']._serialized_start=2224
-  _globals['_VISIONSERVICE']._serialized_end=2508
+  _globals['_ROLE']._serialized_start=2345
+  _globals['_ROLE']._serialized_end=2440
+  _globals['_TOOLCHOICEMODE']._serialized_start=2443
+  _globals['_TOOLCHOICEMODE']._serialized_end=2609
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=2612
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=2770
+  _globals['_FINISHREASON']._serialized_start=2773
+  _globals['_FINISHREASON']._serialized_end=2982
+  _globals['_TOOLCALL']._serialized_start=126
+  _globals['_TOOLCALL']._serialized_end=186
+  _globals['_TOOL']._serialized_start=188
+  _globals['_TOOL']._serialized_end=254
+  _globals['_TOOLCHOICE']._serialized_start=256
+  _globals['_TOOLCHOICE']._serialized_end=343
+  _globals['_MESSAGE']._serialized_start=346
+  _globals['_MESSAGE']._serialized_end=552
+  _globals['_RESPONSEFORMAT']._serialized_start=554
+  _globals['_RESPONSEFORMAT']._serialized_end=647
+  _globals['_CHATOPTIONS']._serialized_start=650
+  _globals['_CHATOPTIONS']._serialized_end=1182
+  _globals['_CHATREQUEST']._serialized_start=1185
+  _globals['_CHATREQUEST']._serialized_end=1506
+  _globals['_CHATFINAL']._serialized_start=1509
+  _globals['_CHATFINAL']._serialized_end=1810
+  _globals['_CHATRESPONSE']._serialized_start=1813
+  _globals['_CHATRESPONSE']._serialized_end=1953
+  _globals['_VISIONMODEL']._serialized_start=1956
+  _globals['_VISIONMODEL']._serialized_end=2146
+  _globals['_LISTMODELSREQUEST']._serialized_start=2148
+  _globals['_LISTMODELSREQUEST']._serialized_end=2167
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2169
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2240
+  _globals['_GETMODELREQUEST']._serialized_start=2242
+  _globals['_GETMODELREQUEST']._serialized_end=2273
+  _globals['_GETMODELRESPONSE']._serialized_start=2275
+  _globals['_GETMODELRESPONSE']._serialized_end=2343
+  _globals['_VISIONSERVICE']._serialized_start=2985
+  _globals['_VISIONSERVICE']._serialized_end=3269
 # @@protoc_insertion_point(module_scope)

@@ -35,6 +35,8 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     """The caller's turn."""
     ROLE_ASSISTANT: _Role.ValueType  # 3
     """A previous reply of the assistant, for multi-turn conversations."""
+    ROLE_TOOL: _Role.ValueType  # 4
+    """A tool's result, answering one of the assistant's tool calls."""
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """Who wrote a chat message."""
@@ -47,7 +49,51 @@ ROLE_USER: Role.ValueType  # 2
 """The caller's turn."""
 ROLE_ASSISTANT: Role.ValueType  # 3
 """A previous reply of the assistant, for multi-turn conversations."""
+ROLE_TOOL: Role.ValueType  # 4
+"""A tool's result, answering one of the assistant's tool calls."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
+
+class _ToolChoiceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolChoiceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolChoiceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ToolChoiceMode.ValueType  # 0
+    """AUTO when the request has tools."""
+    TOOL_CHOICE_MODE_AUTO: _ToolChoiceMode.ValueType  # 1
+    """The model chooses between text and tool calls. Needs the service's tool
+    call parser (VisionModel.tool_call_parser); without one the tools are
+    left unused and the reply is text.
+    """
+    TOOL_CHOICE_MODE_NONE: _ToolChoiceMode.ValueType  # 2
+    """The model answers in text; the tools are not shown to it."""
+    TOOL_CHOICE_MODE_REQUIRED: _ToolChoiceMode.ValueType  # 3
+    """The model calls one or more tools (constrained by structured decoding:
+    works on every model).
+    """
+    TOOL_CHOICE_MODE_FUNCTION: _ToolChoiceMode.ValueType  # 4
+    """The model calls ToolChoice.function_name (structured decoding too)."""
+
+class ToolChoiceMode(_ToolChoiceMode, metaclass=_ToolChoiceModeEnumTypeWrapper):
+    """Whether and which tools the model calls."""
+
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.ValueType  # 0
+"""AUTO when the request has tools."""
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.ValueType  # 1
+"""The model chooses between text and tool calls. Needs the service's tool
+call parser (VisionModel.tool_call_parser); without one the tools are
+left unused and the reply is text.
+"""
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode.ValueType  # 2
+"""The model answers in text; the tools are not shown to it."""
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 3
+"""The model calls one or more tools (constrained by structured decoding:
+works on every model).
+"""
+TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode.ValueType  # 4
+"""The model calls ToolChoice.function_name (structured decoding too)."""
+Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
 
 class _ResponseFormatType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -97,6 +143,10 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """The call used up its GPU-second allowance (its share of the tenant's
     remaining budget, set by the gateway); the text so far is billed.
     """
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 6
+    """The model called tools (ChatFinal.tool_calls) where it could have
+    answered in text (tool choice AUTO or REQUIRED).
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why generation ended."""
@@ -115,7 +165,99 @@ FINISH_REASON_GPU_BUDGET: FinishReason.ValueType  # 5
 """The call used up its GPU-second allowance (its share of the tenant's
 remaining budget, set by the gateway); the text so far is billed.
 """
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 6
+"""The model called tools (ChatFinal.tool_calls) where it could have
+answered in text (tool choice AUTO or REQUIRED).
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """A call of one of the request's tools, as the model made it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The call's id, which the tool message answering it repeats."""
+    name: _builtins.str
+    """The function called: one of ChatRequest.tools."""
+    arguments_json: _builtins.str
+    """The arguments, a JSON object as text (as the model wrote it: a reply cut
+    short by max_tokens may leave it incomplete).
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
+class Tool(_message.Message):
+    """A function the model may call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The function's name: 1 to 64 letters, digits, _ or -."""
+    description: _builtins.str
+    """What it does, for the model."""
+    parameters_json: _builtins.str
+    """JSON Schema of its arguments (an object schema) as text; empty: none."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_json", b"parameters_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    """The request's tool choice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    FUNCTION_NAME_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoiceMode.ValueType
+    """Whether tools are called."""
+    function_name: _builtins.str
+    """With TOOL_CHOICE_MODE_FUNCTION: the tool to call."""
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoiceMode.ValueType = ...,
+        function_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function_name", b"function_name", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
 
 @_typing.final
 class Message(_message.Message):
@@ -126,14 +268,27 @@ class Message(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote this message."""
     content: _builtins.str
     """The text of the message. A message must have text, images, or both."""
+    tool_call_id: _builtins.str
+    """On a tool message: the id of the tool call it answers."""
+    tool_name: _builtins.str
+    """On a tool message: the name of the tool whose result it is."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]:
         """Images attached to this message, placed before its text in the prompt.
         The total over all messages is limited by the model's images per request.
+        """
+
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """On an assistant message: the tool calls it made (its content may then
+        be empty).
         """
 
     def __init__(
@@ -142,10 +297,13 @@ class Message(_message.Message):
         role: Global___Role.ValueType = ...,
         content: _builtins.str = ...,
         images: _abc.Iterable[_common_pb2.Image] | None = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "images", b"images", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "images", b"images", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls", "tool_name", b"tool_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -312,6 +470,9 @@ class ChatRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to chat with, as listed by ListModels."""
     request_id: _builtins.str
@@ -323,6 +484,8 @@ class ChatRequest(_message.Message):
     (what OpenAI's legacy completions API sends). Set either this or
     messages, not both; it carries no images.
     """
+    parallel_tool_calls: _builtins.bool
+    """False: at most one tool call per reply. Unset: as many as the model makes."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The conversation, oldest first. Must not be empty unless prompt is set."""
@@ -330,6 +493,16 @@ class ChatRequest(_message.Message):
     @_builtins.property
     def options(self) -> Global___ChatOptions:
         """Sampling options."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Functions the model may call (at most 128), shown to it through its
+        chat template.
+        """
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Whether and which of the tools are called."""
 
     def __init__(
         self,
@@ -339,12 +512,17 @@ class ChatRequest(_message.Message):
         options: Global___ChatOptions | None = ...,
         request_id: _builtins.str = ...,
         prompt: _builtins.str = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "options", b"options", "parallel_tool_calls", b"parallel_tool_calls", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "options", b"options", "prompt", b"prompt", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "messages", b"messages", "model", b"model", "options", b"options", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "request_id", b"request_id", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
 
 Global___ChatRequest: _TypeAlias = ChatRequest  # noqa: Y015
 
@@ -361,6 +539,7 @@ class ChatFinal(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why generation ended."""
     prompt_tokens: _builtins.int
@@ -379,6 +558,12 @@ class ChatFinal(_message.Message):
     def usage(self) -> _common_pb2.Usage:
         """GPU-seconds and total wall time of the request."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """The tool calls of the reply, in order. A reply with tool calls streams
+        no deltas of their text; text is then what the model wrote besides them.
+        """
+
     def __init__(
         self,
         *,
@@ -389,10 +574,11 @@ class ChatFinal(_message.Message):
         usage: _common_pb2.Usage | None = ...,
         text: _builtins.str = ...,
         model: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "model", b"model", "prompt_tokens", b"prompt_tokens", "text", b"text", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "model", b"model", "prompt_tokens", b"prompt_tokens", "text", b"text", "time_to_first_token", b"time_to_first_token", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -450,6 +636,7 @@ class VisionModel(_message.Message):
     DEMO_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_PARSER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name to pass as ChatRequest.model."""
     context_length: _builtins.int
@@ -464,6 +651,10 @@ class VisionModel(_message.Message):
     """The Hugging Face hub id the model was loaded from; empty for a local
     directory (no server path is ever shown).
     """
+    tool_call_parser: _builtins.str
+    """vLLM's tool call parser the service runs for TOOL_CHOICE_MODE_AUTO (e.g.
+    llama3_json); empty: none, and tools with AUTO are left unused.
+    """
     def __init__(
         self,
         *,
@@ -473,10 +664,11 @@ class VisionModel(_message.Message):
         demo: _builtins.bool = ...,
         origin: _common_pb2.ModelOrigin.ValueType = ...,
         source: _builtins.str = ...,
+        tool_call_parser: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "demo", b"demo", "max_images_per_request", b"max_images_per_request", "name", b"name", "origin", b"origin", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "demo", b"demo", "max_images_per_request", b"max_images_per_request", "name", b"name", "origin", b"origin", "source", b"source", "tool_call_parser", b"tool_call_parser"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -366,16 +366,18 @@ def test_dreamsight_up_serves_a_users_own_models(tmp_path: Path) -> None:
 
     args = build_parser().parse_args(
         ["up", "--vision-model", "org/llava", "--diffusion-model", "sd15=org/sd",
-         "--quantization", "awq", "--kv-cache-dtype", "fp8", "--max-model-len", "8192"]
+         "--quantization", "awq", "--kv-cache-dtype", "fp8", "--max-model-len", "8192",
+         "--tool-call-parser", "llama3_json"]
     )  # fmt: skip
     models = _up.Models(
         args.vision_model, args.diffusion_model, args.quantization, args.kv_cache_dtype,
-        args.max_model_len,
+        args.max_model_len, args.tool_call_parser,
     )  # fmt: skip
     ports = _up.Ports(gateway=1, http=2, vision=3, diffusion=4)
     commands = _up.service_commands(tmp_path, models, ports, "token", "backend-secret")
     vision, _ = commands["vision"]
-    assert {"--model=org/llava", "--quantization=awq", "--kv-cache-dtype=fp8"} <= set(vision)
+    assert {"--model=org/llava", "--quantization=awq", "--kv-cache-dtype=fp8",
+            "--tool-call-parser=llama3_json"} <= set(vision)  # fmt: skip
     assert "--max-model-len=8192" in vision and "--port=3" in vision
     assert "--model=sd15=org/sd" in commands["diffusion"][0]
     assert _up.demo_targets(tmp_path, models) == []

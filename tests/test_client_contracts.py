@@ -284,3 +284,34 @@ def test_a_fine_tune_is_listed_with_its_kind_base_and_size() -> None:
     )
     base = _image_model(diffusion_pb2.DiffusionModel(name="sd-demo"))
     assert (base["tune"], base["parent"]) == (None, None)
+
+
+def test_tool_calls_in_each_api_s_reply_shape() -> None:
+    """What a reply with tool calls looks like to each API's clients (the demo
+    model runs no parser, so Ollama's shape is checked on a built reply)."""
+    from dreamsight.vision.v1 import vision_pb2
+
+    from gateway.http_api import ollama, openai
+
+    final = vision_pb2.ChatFinal(
+        finish_reason=vision_pb2.FINISH_REASON_TOOL_CALLS,
+        tool_calls=[
+            vision_pb2.ToolCall(id="call_1", name="look", arguments_json='{"x": 1}'),
+            vision_pb2.ToolCall(id="call_2", name="cut", arguments_json='{"x": '),
+        ],
+    )
+    piece = ollama._piece("chat", "m", "")
+    message = ollama._with_calls(piece, final)["message"]
+    assert message["tool_calls"] == [
+        {"id": "call_1", "function": {"index": 0, "name": "look", "arguments": {"x": 1}}}
+    ]
+    assert message["content"] == '{"x": ', "a call cut short is text, as Ollama gives it"
+    assert ollama._done(final)["done_reason"] == "stop"
+    whole = openai._chat_whole({"id": "x"}, [vision_pb2.ChatResponse(final=final)])
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert [c["function"]["arguments"] for c in choice["message"]["tool_calls"]] == [
+        '{"x": 1}',
+        '{"x": ',
+    ]
+    assert [c["index"] for c in openai._tool_calls_piece(final)["delta"]["tool_calls"]] == [0, 1]

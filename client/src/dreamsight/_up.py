@@ -116,6 +116,8 @@ class Models:
     quantization: str = ""
     kv_cache_dtype: str = ""
     max_model_len: int = 2048
+    tool_call_parser: str = ""
+    """vLLM's tool call parser for the vision model's family (tool_choice auto)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ def service_commands(
         vision.append(f"--quantization={models.quantization}")
     if models.kv_cache_dtype:
         vision.append(f"--kv-cache-dtype={models.kv_cache_dtype}")
+    if models.tool_call_parser:
+        vision.append(f"--tool-call-parser={models.tool_call_parser}")
     diffusion_model = models.diffusion or f"sd-demo={demo / 'sd-demo'}"
     return {
         "vision": (vision, {"DREAMSIGHT_VISION_GATEWAY_SECRET": backend_secret}),

@@ -382,6 +382,7 @@ def cmd_up(args: argparse.Namespace, out: Output) -> int:
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
+        tool_call_parser=args.tool_call_parser,
     )
     demo = not (models.vision and models.diffusion)
     note = " (demo models set up on first run)" if demo else ""
@@ -500,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--quantization", default="", help="vLLM quantization, e.g. awq, gptq, fp8")
     up.add_argument("--kv-cache-dtype", default="", help="vLLM KV-cache dtype, e.g. fp8")
+    up.add_argument(
+        "--tool-call-parser",
+        default="",
+        help="vLLM's tool call parser for the vision model (e.g. llama3_json), so "
+        "tool_choice auto calls tools",
+    )
     up.add_argument("--max-model-len", type=int, default=2048, help="vision context length")
     up.add_argument("--home", help="state directory (default $DREAMSIGHT_HOME or .dreamsight)")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: any free port)")

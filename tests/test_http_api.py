@@ -26,10 +26,12 @@ import grpc
 import ollama
 import openai
 import pytest
+from aiohttp import web
 from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 from PIL import Image
 
 from diffusion_service.server import DiffusionService
+from gateway.http_api import openai as openai_api
 from gateway.server import Gateway
 from tests.conftest import VisionHandle
 from tests.gateway_helpers import (
@@ -40,6 +42,7 @@ from tests.gateway_helpers import (
     new_key,
     no_slots_held,
 )
+from tests.test_http_frames import ollama_line, openai_stream
 from tests.test_vision_service import png, user
 
 slow = pytest.mark.slow
@@ -671,3 +674,49 @@ async def test_no_slot_leaks_after_http_disconnects_and_deadlines(
         await asyncio.sleep(0.05)
     assert fake.impl.running["leaky-http"] == 0, "the backend computes for nobody"
     assert fake_gateway.core.metrics.in_flight.labels("max")._value.get() == 0
+
+
+async def test_a_lagging_client_gets_the_waiting_chunks_in_one_write_byte_for_byte(
+    fake_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = await new_key(fake_gateway, "laggard", "pro")
+    writes: list[bytes] = []
+    write = web.StreamResponse.write
+
+    async def lagging(self: web.StreamResponse, data: bytes) -> None:
+        writes.append(bytes(data))
+        await asyncio.sleep(0.02)  # a slow client: the backend's deltas queue up meanwhile
+        await write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", lagging)
+    url = f"http://127.0.0.1:{fake_gateway.http_port}"
+    message = {"role": "user", "content": "chunks:40"}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+        body = {"model": "fake", "messages": [message], "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        async with session.post(f"{url}/v1/chat/completions", json=body) as reply:
+            sse = await reply.read()
+        sse_writes, writes[:] = len(writes), []
+        body = {"model": "fake", "messages": [message]}
+        async with session.post(f"{url}/api/chat", json=body) as reply:
+            ndjson = await reply.read()
+    events = sse.split(b"\n\n")[:-1]
+    assert len(events) == 1 + 40 + 2 + 1  # opening, deltas, finish, usage, [DONE]
+    assert sse_writes <= len(events) // 2, "the waiting chunks went in one write each time"
+    first = json.loads(events[0].removeprefix(b"data: "))
+    head = {"id": first["id"], "created": first["created"], "model": "fake"}
+    stream = [vision_pb2.ChatResponse(delta=f"t{i} ") for i in range(40)]
+    final = vision_pb2.ChatFinal(finish_reason=vision_pb2.FINISH_REASON_STOP, completion_tokens=40)
+    stream.append(vision_pb2.ChatResponse(final=final))
+    expected = openai_stream(head, openai_api._CHAT, stream, last=True, running=False)
+    assert sse == b"".join(expected) + b"data: [DONE]\n\n", "the same bytes as one write each"
+    lines = ndjson.splitlines(keepends=True)
+    assert len(lines) == 41 and len(writes) <= len(lines) // 2
+    for i, line in enumerate(lines[:-1]):
+        stamp = json.loads(line)["created_at"]
+        piece = {"model": "fake", "created_at": stamp,
+                 "message": {"role": "assistant", "content": f"t{i} "}}  # fmt: skip
+        assert line == ollama_line(piece)
+    assert json.loads(lines[-1])["done"] is True
+    await no_slots_held(fake_gateway, "laggard")
+    assert fake_gateway.store.sync.usage_entries("laggard", 0)[-1].gpu_seconds == 0.5

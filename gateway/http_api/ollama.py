@@ -23,7 +23,7 @@ from dreamsight.vision.v1 import vision_pb2
 
 from dreamsight_server.errors import DreamsightError, InvalidArgument
 from gateway.calls import MeteredCall
-from gateway.http_api import fields
+from gateway.http_api import fields, frames
 from gateway.http_api.body import (
     MAX_INT32,
     MAX_SEED,
@@ -213,13 +213,13 @@ def _listed(model: vision_pb2.VisionModel) -> dict[str, Any]:
     }
 
 
-def _piece(kind: str, model: str, content: str) -> dict[str, Any]:
+def _piece(kind: str, model: str, content: str, created_at: str | None = None) -> dict[str, Any]:
     """What every chat (kind "chat") or generate object starts with."""
     if kind == "chat":
         text: dict[str, Any] = {"message": {"role": "assistant", "content": content}}
     else:
         text = {"response": content}
-    return {"model": model, "created_at": _now(), **text}
+    return {"model": model, "created_at": created_at or _now(), **text}
 
 
 def _tool_calls(final: vision_pb2.ChatFinal) -> tuple[list[dict[str, Any]], str]:
@@ -292,8 +292,8 @@ class OllamaApi:
         stream = get(body, "stream", bool, "stream")
         name = body.get("model") or chat.model  # echoed as the caller wrote it
 
-        def piece(content: str) -> dict[str, Any]:
-            return _piece(kind, name, content)
+        def piece(content: str, created_at: str | None = None) -> dict[str, Any]:
+            return _piece(kind, name, content, created_at)
 
         async with self._up.chat(request, PROTOCOL, chat) as call:
             # Upstream errors before the first message get a real HTTP status.
@@ -310,23 +310,30 @@ class OllamaApi:
         request: web.Request,
         call: MeteredCall[vision_pb2.ChatResponse],
         message: vision_pb2.ChatResponse | None,
-        piece: Callable[[str], dict[str, Any]],
+        piece: Callable[[str, str | None], dict[str, Any]],
     ) -> web.StreamResponse:
-        """One JSON object a line, the last with done: true."""
+        """One JSON object a line, the last with done: true; the lines of the
+        messages already here (a client that lags) in one write."""
+        lines = frames.OllamaLines(piece)
+
+        def encode(message: vision_pb2.ChatResponse) -> bytes:
+            if not message.HasField("final"):
+                return lines.delta(message.delta, _now())
+            out = b""
+            if message.final.tool_calls:  # as Ollama: a line of their own
+                out += _line({**_with_calls(piece("", _now()), message.final), "done": False})
+            return out + _line({**piece("", _now()), **_done(message.final)})
+
         response = web.StreamResponse(
             headers={"Content-Type": "application/x-ndjson", "X-Request-Id": call.request_id}
         )
         await response.prepare(request)
         try:
             while message is not None:
-                if message.HasField("final"):
-                    if message.final.tool_calls:  # as Ollama: a line of their own
-                        calls = {**_with_calls(piece(""), message.final), "done": False}
-                        await response.write(_line(calls))
-                    line = {**piece(""), **_done(message.final)}
-                else:
-                    line = {**piece(message.delta), "done": False}
-                await response.write(_line(line))
+                data = encode(message)
+                for more in call.ready():
+                    data += encode(more)
+                await response.write(data)
                 message = await call.read()
         except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error line
             error_line = {"error": http_error(error, self._up.core.errors, request).message}

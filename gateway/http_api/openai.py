@@ -29,7 +29,7 @@ from dreamsight.vision.v1 import vision_pb2
 
 from dreamsight_server.errors import DreamsightError, InvalidArgument
 from gateway.calls import MeteredCall
-from gateway.http_api import fields
+from gateway.http_api import fields, frames
 from gateway.http_api.body import (
     MAX_INT32,
     MAX_SEED,
@@ -449,44 +449,44 @@ class OpenAIApi:
         shape: _Shape,
         usage: _Usage,
     ) -> web.StreamResponse:
-        """The reply as server-sent chunks, then [DONE]."""
-        head = {**head, "object": shape.chunk_object}
+        """The reply as server-sent chunks, then [DONE]: the chunks of the messages
+        already here (a client that lags) in one write."""
+        chunks = frames.OpenAIChunks(
+            {**head, "object": shape.chunk_object},
+            shape.piece,
+            last_usage=usage.last,
+            running=usage.running,
+        )
         prompt_tokens = 0
 
-        def chunk(choice: dict[str, Any], completion_tokens: int = 0) -> bytes:
-            event = {**head, "choices": [choice]}
-            if not usage.last:
-                return _sse(event)
-            if not usage.running:
-                return _sse({**event, "usage": None})
-            so_far = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
-            return _sse({**event, "usage": so_far})
+        def encode(message: vision_pb2.ChatResponse) -> bytes:
+            nonlocal prompt_tokens
+            if not message.HasField("final"):
+                prompt_tokens = message.prompt_tokens or prompt_tokens
+                return chunks.delta(message.delta, prompt_tokens, message.completion_tokens)
+            final = message.final
+            prompt_tokens = final.prompt_tokens
+            out = b""
+            if final.tool_calls:
+                out += chunks.choice(
+                    _tool_calls_piece(final), prompt_tokens, final.completion_tokens
+                )
+            end = shape.piece(None, _finish(final))
+            out += chunks.choice(end, prompt_tokens, final.completion_tokens)
+            if usage.last:
+                out += chunks.usage(prompt_tokens, final.completion_tokens)
+            return out
 
         response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": call.request_id})
         await response.prepare(request)
         try:
             if shape.opening is not None:
-                await response.write(chunk(shape.opening))
+                await response.write(chunks.choice(shape.opening, 0, 0))
             while message is not None:
-                if not message.HasField("final"):
-                    prompt_tokens = message.prompt_tokens or prompt_tokens
-                    piece = shape.piece(message.delta, None)
-                    await response.write(chunk(piece, message.completion_tokens))
-                else:
-                    final = message.final
-                    prompt_tokens = final.prompt_tokens
-                    if final.tool_calls:
-                        await response.write(
-                            chunk(_tool_calls_piece(final), final.completion_tokens)
-                        )
-                    end = shape.piece(None, _finish(final))
-                    await response.write(chunk(end, final.completion_tokens))
-                    if usage.last:
-                        await response.write(_sse({**head, "choices": [], "usage": _usage(final)}))
+                data = encode(message)
+                for more in call.ready():
+                    data += encode(more)
+                await response.write(data)
                 message = await call.read()
             await response.write(_sse("[DONE]"))
         except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error event

@@ -97,7 +97,9 @@ def dreambooth(client: dreamsight.Client, out: Path, checks: dict[str, bool]) ->
     print(
         f"4 photos of a striped purple star in {out / 'subject'}; instance prompt "
         f"{quality.SUBJECT_PROMPT!r}, class prompt {quality.CLASS_PROMPT!r}, "
-        f"{quality.DREAMBOOTH.max_train_steps} steps (no class priors: docs/quality.md says why)"
+        f"a LoRA tune (rank {quality.DREAMBOOTH_LORA.rank}), "
+        f"{quality.DREAMBOOTH_LORA.max_train_steps} steps "
+        "(no class priors: docs/quality.md says why)"
     )
     before = client.generate_image(quality.SUBJECT_PROMPT, steps=STEPS, seed=5)
     print(f"before: {quality.SUBJECT_PROMPT!r} draws {describe(judge(before.images[0].to_pil()))}")
@@ -106,7 +108,7 @@ def dreambooth(client: dreamsight.Client, out: Path, checks: dict[str, bool]) ->
         quality.SUBJECT_PROMPT,
         class_prompt=quality.CLASS_PROMPT,
         output_model_name=free_name(client, "sks-star"),
-        **quality.DREAMBOOTH.train_kwargs(),
+        **quality.DREAMBOOTH_LORA.train_kwargs(),
     )
     print(f"job {job.id}")
     for event in job.watch():

@@ -6,9 +6,10 @@ Measures the judge on drawn ground truth, then starts the stack as
 `dreamsight up` does (gateway, vLLM vision, diffusion, with the trained demo
 models put in place) and, through the public async client, runs: held-out
 questions to the vision model, images of every base prompt from the
-diffusion model, and the DreamBooth subject job with and without class-prior
-preservation, each followed by the subject and base prompts on the tuned
-model. Prints one JSON object.
+diffusion model, and the DreamBooth subject job as a LoRA and as a full tune,
+each with and without class-prior preservation, each followed by the subject
+and base prompts on the tuned model, and last the base prompts again on the
+base model (byte-identical to the first time?). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ async def measure(target: str, key: str, args: argparse.Namespace) -> dict[str, 
         before = await quality.draw(client, subject, per_prompt=args.images, steps=STEPS, seed=300)
         results["subject_before"] = quality.draw_accuracy(before)["both"]
         for name, settings in (
-            ("without_prior", quality.DREAMBOOTH),
-            ("with_prior", quality.DREAMBOOTH_WITH_PRIOR),
+            ("lora_without_prior", quality.DREAMBOOTH_LORA),
+            ("lora_with_prior", quality.DREAMBOOTH_LORA_WITH_PRIOR),
+            ("full_without_prior", quality.DREAMBOOTH),
+            ("full_with_prior", quality.DREAMBOOTH_WITH_PRIOR),
         ):
             started = time.monotonic()
             job = await client.train(
@@ -107,6 +110,11 @@ async def measure(target: str, key: str, args: argparse.Namespace) -> dict[str, 
                 },
             }
             print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+        # After adapters ran on the loaded base pipeline, the base draws the same bytes.
+        again = await quality.draw(
+            client, quality.BASE_PROMPTS, per_prompt=args.images, steps=STEPS, seed=100
+        )
+        results["base_byte_identical_after"] = [d.png for d in again] == [d.png for d in drawn]
     return results
 
 

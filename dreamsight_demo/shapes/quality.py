@@ -186,7 +186,7 @@ def subject_prompts(prompt: str = SUBJECT_PROMPT) -> list[tuple[str, str, str]]:
 
 @dataclass(frozen=True)
 class DreamBoothSettings:
-    """The DreamBooth job the demo, the tests and -m dreamsight_demo.measure run: the
+    """A DreamBooth job the demo, the tests and -m dreamsight_demo.measure run: the
     subject from four photos as "a sks shape", class prompt "a shape".
 
     Class-prior preservation is off (``num_class_images`` 0) because in this
@@ -197,20 +197,48 @@ class DreamBoothSettings:
     """
 
     kind: Literal["lora", "full"] = "full"
-    """A full fine-tune: what these settings were measured with (docs/quality.md);
-    the service's default, LoRA, is not yet measured on the shapes model."""
     max_train_steps: int = 2500
     learning_rate: float = 5e-5
     num_class_images: int = 0
     prior_loss_weight: float = 1.0
     train_text_encoder: bool = False
+    """The whole text encoder (a full tune only)."""
     seed: int = 0
+    rank: int = 0
+    """LoRA rank (LoRA only; 0 for a full tune)."""
+    lora_alpha: float = 0.0
+    """LoRA scale numerator (LoRA only; 0 takes the rank)."""
+    lora_layers: tuple[str, ...] = ()
+    """UNet modules that get adapters (LoRA only; empty takes the service's)."""
+    train_text_encoder_lora: bool = False
+    """Adapters on the text encoder too (LoRA only)."""
 
     def train_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``client.train`` (one checkpoint, at the end)."""
-        return {**dataclasses.asdict(self), "checkpoint_interval": self.max_train_steps}
+        """Keyword arguments for ``client.train`` (one checkpoint, at the end);
+        the other kind's fields are left out, since the service refuses them."""
+        kwargs = {**dataclasses.asdict(self), "checkpoint_interval": self.max_train_steps}
+        if self.kind == "full":
+            for name in ("rank", "lora_alpha", "lora_layers", "train_text_encoder_lora"):
+                del kwargs[name]
+        else:
+            del kwargs["train_text_encoder"]
+        return kwargs
 
 
 DREAMBOOTH = DreamBoothSettings()
+"""A full fine-tune (UNet only), as measured in docs/quality.md."""
 DREAMBOOTH_WITH_PRIOR = dataclasses.replace(DREAMBOOTH, num_class_images=16)
 """The same job with class-prior preservation, as the DreamBooth paper runs it."""
+LORA_LAYERS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+)  # fmt: skip
+"""Every UNet module of the shapes model that takes an adapter: with the attention
+projections alone (the service's default, the diffusers script's) the adapter learns the
+subject's colour but not its shape (6% subject fidelity, docs/quality.md)."""
+DREAMBOOTH_LORA = DreamBoothSettings(
+    kind="lora", max_train_steps=1500, learning_rate=3e-4, rank=8, lora_layers=LORA_LAYERS
+)
+"""The demo's job: a LoRA tune (the service's default kind), measured in docs/quality.md."""
+DREAMBOOTH_LORA_WITH_PRIOR = dataclasses.replace(DREAMBOOTH_LORA, num_class_images=16)
+"""The LoRA job with class-prior preservation."""

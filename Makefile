@@ -81,6 +81,15 @@ bench-dreambooth: setup
 bench-adapters: setup
 	$(BIN)/python bench/bench_adapters.py
 
+.PHONY: bench-http-stream bench-grpc-stream
+# The HTTP front ends' per-chunk encoding: dict + json.dumps vs frames' byte templates (~10 s).
+bench-http-stream: setup
+	PYTHONPATH=. $(BIN)/python bench/bench_http_stream.py
+
+# CPU per streamed grpc.aio message, flat out and one every 2 ms (~1 min).
+bench-grpc-stream: setup
+	$(BIN)/python bench/bench_grpc_stream.py
+
 # Retrain both demo models from scratch (CPU, ~25 min, seeded) and replace
 # the committed ones only when both trainings finished; commit the result.
 .PHONY: demo-models

@@ -89,23 +89,31 @@ def _vllm_bench(
     return result
 
 
-def _cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
-    """CPU time (user + system) of a process and all its children (vLLM's engine
-    core and workers are children of the server that started them)."""
+def _cpu_parts(proc: subprocess.Popen[bytes]) -> dict[str, float]:
+    """CPU time (user + system) of a process and of its children, by part: the
+    process itself, vLLM's engine core and its workers (children of the server that
+    started them), anything else."""
     import psutil  # type: ignore[import-untyped]
 
-    total = 0.0
+    parts: dict[str, float] = {}
     try:
         root = psutil.Process(proc.pid)
         for p in [root, *root.children(recursive=True)]:
             try:
                 times = p.cpu_times()
-                total += times.user + times.system
+                title = f"{p.name()} {' '.join(p.cmdline()[:1])}"
             except psutil.Error:
-                pass
+                continue
+            part = (
+                "front end" if p.pid == root.pid
+                else "engine core" if "EngineCore" in title
+                else "worker" if "Worker" in title
+                else "other"
+            )  # fmt: skip
+            parts[part] = parts.get(part, 0.0) + times.user + times.system
     except psutil.Error:
         pass
-    return total
+    return parts
 
 
 def _stage_totals(gateway: GatewayProcess, vision_metrics: int) -> list[tuple[float, float]]:
@@ -171,6 +179,7 @@ def main() -> None:
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
         stages: dict[int, list[tuple[float, float]]] = {}
         cpu: dict[tuple[str, int], list[float]] = {}  # process -> CPU-ms per output token
+        parts: dict[tuple[str, str, int], list[float]] = {}  # (process, part, c) -> the same
         assert gateway.proc is not None
         trees = {
             "ours": {"gateway": gateway.proc, "vision (with vLLM)": procs["vision"]},
@@ -181,13 +190,19 @@ def main() -> None:
                 for name, url in sides.items():
                     out = workdir / f"{name}-c{concurrency}-r{round_}.json"
                     before = _stage_totals(gateway, vision_metrics) if name == "ours" else None
-                    cpu_before = {n: _cpu_seconds(p) for n, p in trees[name].items()}
+                    cpu_before = {n: _cpu_parts(p) for n, p in trees[name].items()}
                     result = _vllm_bench(url, model, concurrency, args.prompts, out, key)
                     results.setdefault((name, concurrency), []).append(result)
                     tokens = max(1, result["total_output_tokens"])
                     for n, p in trees[name].items():
-                        spent = _cpu_seconds(p) - cpu_before[n]
-                        cpu.setdefault((n, concurrency), []).append(1e3 * spent / tokens)
+                        now = _cpu_parts(p)
+                        spent = {k: v - cpu_before[n].get(k, 0.0) for k, v in now.items()}
+                        cpu.setdefault((n, concurrency), []).append(
+                            1e3 * sum(spent.values()) / tokens
+                        )
+                        for part, seconds in spent.items():
+                            key3 = (n, part, concurrency)
+                            parts.setdefault(key3, []).append(1e3 * seconds / tokens)
                     if before is not None:
                         after = _stage_totals(gateway, vision_metrics)
                         stages.setdefault(concurrency, []).append(_means(before, after))
@@ -219,6 +234,14 @@ def main() -> None:
         for process in [n for side in trees.values() for n in side]:
             row = "  ".join(f"c={c}: {statistics.median(cpu[(process, c)]):6.2f}" for c in levels)
             print(f"  {process:24} {row}")
+            for part in ("front end", "engine core", "worker", "other"):
+                if (process, part, levels[0]) not in parts:
+                    continue
+                row = "  ".join(
+                    f"c={c}: {statistics.median(parts.get((process, part, c), [0.0])):6.2f}"
+                    for c in levels
+                )
+                print(f"    {part:22} {row}")
         ratio = {c: summary[("ours", c)][0] / summary[("vllm", c)][0] for c in levels}
         added = summary[("ours", levels[0])][1] - summary[("vllm", levels[0])][1]
         print(f"(logs and results in {workdir})")

@@ -4,7 +4,9 @@
 
 One run on this machine, same demo LLaVA directory and engine settings on
 both sides (max-model-len 2048, max-num-seqs 16, enforce-eager, 1 GiB KV
-cache, float32):
+cache, float32, engine statistics on: each server's default, and the vision
+service's queue-depth gauge needs them; ``--vllm-disable-log-stats`` turns
+vLLM's off for the comparison with its leanest setting):
 
 - **ours**: the path an OpenAI-compatible user takes, as ``dreamsight up``
   starts it: HTTP ``/v1`` on the gateway (its own process, a key on a tier
@@ -18,7 +20,8 @@ project's virtualenv (random dataset, 32 prompt tokens and up to 32 out,
 temperature 0, both stopping at end-of-sequence), alternating ours and vLLM's
 at each concurrency, ``--rounds`` times. The token totals of the two sides
 must match (same model, greedy): the run fails if they do not. Reports
-output tokens/s (median over rounds) and TTFT p50; the last line is::
+output tokens/s (median over rounds), TTFT p50, and how full each engine's
+steps ran (tokens per step, from each server's histogram of it); the last line is::
 
     bench openai: tok_s_ratio_c1=A tok_s_ratio_c8=B tok_s_ratio_c16=C ttft_p50_added_ms_c1=D
 
@@ -124,6 +127,16 @@ def _stage_totals(gateway: GatewayProcess, vision_metrics: int) -> list[tuple[fl
     ]
 
 
+def _step_tokens(port: int, name: str) -> tuple[float, float] | None:
+    """(tokens, engine steps) so far, from a server's tokens-per-step histogram;
+    None where the server does not export it (vLLM's, with its statistics off)."""
+    try:
+        total, steps = histogram(port, name)
+    except OSError:
+        return None
+    return (total, steps) if steps else None
+
+
 def _means(
     before: list[tuple[float, float]], after: list[tuple[float, float]]
 ) -> tuple[float, float]:
@@ -140,6 +153,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,16")
     parser.add_argument("--model", type=Path, default=None, help="a LLaVA directory")
+    parser.add_argument(
+        "--vllm-disable-log-stats",
+        action="store_true",
+        help="run vLLM's server with its engine statistics off (ours keeps them on: its "
+        "queue-depth gauge needs them), instead of the same engine settings on both sides",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -151,6 +170,9 @@ def main() -> None:
     gateway = GatewayProcess(workdir, vision_port)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     logs = {n: open(workdir / f"{n}.log", "wb") for n in ("vision", "vllm")}  # noqa: SIM115
+    # Both engines keep statistics by default (the vision service's gauges read the
+    # scheduler's queue depth from them): the same engine settings on both sides.
+    vllm_stats = ["--disable-log-stats"] if args.vllm_disable_log_stats else []
     procs = {
         "vision": subprocess.Popen(
             [sys.executable, "-m", "vision_service", "--model", str(model),
@@ -161,7 +183,7 @@ def main() -> None:
         "vllm": subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
              "--model", str(model), "--port", str(vllm_port),
-             "--served-model-name", MODEL_NAME, "--disable-log-stats", *ENGINE],
+             "--served-model-name", MODEL_NAME, *vllm_stats, *ENGINE],
             stdout=logs["vllm"], stderr=subprocess.STDOUT, env=env,
         ),
     }  # fmt: skip
@@ -180,6 +202,11 @@ def main() -> None:
         stages: dict[int, list[tuple[float, float]]] = {}
         cpu: dict[tuple[str, int], list[float]] = {}  # process -> CPU-ms per output token
         parts: dict[tuple[str, str, int], list[float]] = {}  # (process, part, c) -> the same
+        steps: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (tokens, steps) per run
+        step_metric = {
+            "ours": (vision_metrics, "dreamsight_vision_engine_step_tokens"),
+            "vllm": (vllm_port, "vllm:iteration_tokens_total"),
+        }
         assert gateway.proc is not None
         trees = {
             "ours": {"gateway": gateway.proc, "vision (with vLLM)": procs["vision"]},
@@ -191,7 +218,14 @@ def main() -> None:
                     out = workdir / f"{name}-c{concurrency}-r{round_}.json"
                     before = _stage_totals(gateway, vision_metrics) if name == "ours" else None
                     cpu_before = {n: _cpu_parts(p) for n, p in trees[name].items()}
+                    steps_before = _step_tokens(*step_metric[name])
                     result = _vllm_bench(url, model, concurrency, args.prompts, out, key)
+                    steps_after = _step_tokens(*step_metric[name])
+                    if steps_after is not None:
+                        b = steps_before or (0.0, 0.0)
+                        steps.setdefault((name, concurrency), []).append(
+                            (steps_after[0] - b[0], steps_after[1] - b[1])
+                        )
                     results.setdefault((name, concurrency), []).append(result)
                     tokens = max(1, result["total_output_tokens"])
                     for n, p in trees[name].items():
@@ -230,6 +264,16 @@ def main() -> None:
             client = statistics.mean(r["mean_ttft_ms"] for r in results[("ours", concurrency)])
             gw, vision = (statistics.mean(s[i] for s in stages[concurrency]) for i in (0, 1))
             print(f"  c={concurrency:<3} {client:8.2f} | {gw:8.2f} | {vision:8.2f}")
+        print("\nengine steps per run and tokens per step (prompt and generated), median of runs:")
+        for name in sides:
+            row = "  ".join(
+                f"c={c}: {statistics.median(n for _, n in steps[(name, c)]):5.0f} steps, "
+                f"{statistics.median(t / max(1.0, n) for t, n in steps[(name, c)]):5.2f}/step"
+                if (name, c) in steps
+                else f"c={c}: not exported"
+                for c in levels
+            )
+            print(f"  {name:6} {row}")
         print("\nCPU per output token (ms, process and its children), by concurrency:")
         for process in [n for side in trees.values() for n in side]:
             row = "  ".join(f"c={c}: {statistics.median(cpu[(process, c)]):6.2f}" for c in levels)

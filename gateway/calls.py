@@ -125,6 +125,7 @@ class MeteredCall(Generic[M]):
         self._reader: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._draining = False
+        self._completed = False
         self._stop_code: grpc.StatusCode | None = None
         self._ended = False
         self._settled = False
@@ -244,6 +245,17 @@ class MeteredCall(Generic[M]):
             self._core.first_chunk(self.admission)
         return cast(list[M], taken)
 
+    def completed(self) -> None:
+        """The front end has the whole reply (the backend's last message came) and
+        has ended it for its caller: settle() then waits for the backend's own end
+        (its trailer and what the call spent) instead of stopping the call."""
+        self._completed = True
+
+    @property
+    def reply_complete(self) -> bool:
+        """Whether completed() was called."""
+        return self._completed
+
     async def rest(self, first: M | None) -> list[M]:
         """first and every message after it."""
         messages = []
@@ -264,6 +276,8 @@ class MeteredCall(Generic[M]):
             self._expiry.cancel()
         estimated = False
         try:
+            if not self._ended and self._completed:
+                await self._await_end()
             if not self._ended:
                 self.code = self._stop_code or code_if_stopped
                 await self._stop()
@@ -275,6 +289,22 @@ class MeteredCall(Generic[M]):
                 self._reader.cancel()
             code = self.code or code_if_stopped
             await self._core.finish(self.admission, code, self.gpu_seconds, estimated=estimated)
+
+    async def _await_end(self) -> None:
+        """After the last message: the backend's trailer, up to the settle timeout
+        (past it, or on anything unexpected, the call is stopped as any other)."""
+        self._draining = True  # whatever still came would be read by nobody
+        self._wake(self._room)
+        reader = self._reader
+        if reader is None:
+            return
+        await asyncio.wait({reader}, timeout=self._core.settle_timeout_s)
+        end = self._inbox[-1] if reader.done() and self._inbox else None
+        with contextlib.suppress(Exception):
+            if end is _EOF:
+                self._end(grpc.StatusCode.OK, await self._call.trailing_metadata())
+            elif isinstance(end, grpc.aio.AioRpcError):
+                self._end(end.code(), end.trailing_metadata())
 
     async def _stop(self) -> None:
         """Half-close ("stop now") and wait for the backend's trailer."""

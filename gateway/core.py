@@ -179,10 +179,19 @@ class GatewayCore:
     async def settle(self, ending: Coroutine[Any, Any, None]) -> None:
         """Run a call's ending (stop, learn, bill, free) to completion even when the
         caller's handler is cancelled meanwhile; drain() waits for it at shutdown."""
+        await asyncio.shield(self._settling_task(ending))
+
+    def settle_later(self, ending: Coroutine[Any, Any, None]) -> None:
+        """The same, without waiting for it: for a call whose caller already has its
+        whole reply, so that its connection can carry the caller's next request
+        while the bill is written."""
+        self._settling_task(ending).add_done_callback(_log_failure)
+
+    def _settling_task(self, ending: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(ending)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-        await asyncio.shield(task)
+        return task
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (up to timeout_s) until every metered call admitted has finished
@@ -280,3 +289,8 @@ class GatewayCore:
             self.metrics.gpu_seconds.labels(tier, admission.service).inc(gpu_seconds)
         else:
             log.info("request %s was already billed", admission.ledger_id)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("settling a call failed", exc_info=task.exception())

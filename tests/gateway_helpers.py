@@ -32,7 +32,8 @@ ADMIN_TOKEN = "admin-token-for-tests"
 class FakeVision(vision_pb2_grpc.VisionServiceServicer):
     """Chat behaviour chosen by the message text: ``sleep:S``, ``chunks:N``,
     ``big:N`` (64 KiB chunks), ``invalid``, ``slowstop:S`` (runs until stopped,
-    then takes S seconds to stop). Every call reports ``gpu_seconds`` however it ends."""
+    then takes S seconds to stop), ``linger`` (after its last message, its call
+    ends only once ``linger`` is set). Every call reports ``gpu_seconds`` however it ends."""
 
     gpu_seconds: float = 0.5
     running: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -43,6 +44,7 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
     finished: int = 0
     produced: int = 0
     cancelled: int = 0
+    linger: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def Chat(
         self, request: vision_pb2.ChatRequest, context: Any
@@ -74,6 +76,8 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
                     finish_reason=vision_pb2.FINISH_REASON_STOP, completion_tokens=chunks
                 )
             )
+            if text == "linger":
+                await self.linger.wait()
             self.finished += 1
         except asyncio.CancelledError:
             self.cancelled += 1

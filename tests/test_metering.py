@@ -10,6 +10,7 @@ tests/test_gateway_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -101,6 +102,44 @@ async def test_http_disconnects_and_deadlines_are_billed(
         async with session.post(url, json={**body, "stream": False}, headers=timed) as response:
             assert response.status == 504
     assert await _ledger(gateway, "leaver", 2) == pytest.approx([0.25, 0.25])
+
+
+async def test_a_stream_ends_for_its_client_at_the_last_message_and_is_billed_after(
+    gateway: Gateway, backend: FakeBackend
+) -> None:
+    """Both HTTP APIs end a streamed reply when the backend's last message comes,
+    not when the backend's call ends (its trailer, which takes a while on a busy
+    backend); the bill and the slot still wait for the backend's own account."""
+    key = await new_key(gateway, "prompt", "max")
+    headers = {"Authorization": f"Bearer {key}"}
+    message = [{"role": "user", "content": "linger"}]
+    base = f"http://127.0.0.1:{gateway.http_port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/v1/chat/completions",
+            json={"model": "fake", "messages": message, "stream": True},
+            headers=headers,
+        ) as response:
+            events = await asyncio.wait_for(response.text(), 10)
+        assert events.endswith("data: [DONE]\n\n")
+        async with session.post(
+            f"{base}/api/chat", json={"model": "fake", "messages": message}, headers=headers
+        ) as response:
+            lines = (await asyncio.wait_for(response.text(), 10)).splitlines()
+        assert json.loads(lines[-1])["done"] is True
+    assert backend.impl.running["prompt"] == 2, "both backend calls still running"
+    assert gateway.store.sync.usage_entries("prompt", 0) == [], "nothing billed before they end"
+    assert await gateway.core.limiter.in_flight("prompt") == 2, "their slots still held"
+    backend.impl.linger.set()
+    assert await _ledger(gateway, "prompt", 2) == pytest.approx([0.25, 0.25])
+    assert not any(e.estimated for e in gateway.store.sync.usage_entries("prompt", 0))
+    await no_slots_held(gateway, "prompt")
+    for protocol in ("openai", "ollama"):
+        labels = {"service": "VisionService", "method": "Chat", "code": "OK", "tier": "max"}
+        value = gateway.core.metrics.registry.get_sample_value(
+            "dreamsight_gateway_requests_total", {**labels, "protocol": protocol}
+        )
+        assert value == 1, f"{protocol}: the call ended OK, not stopped"
 
 
 async def test_the_slot_returns_only_when_the_backend_stopped(

@@ -481,14 +481,22 @@ def test_the_stat_logger_feeds_the_gauges_and_stands_in_for_vllms() -> None:
     factory = VisionMetrics(registry).stat_logger_factory()
     # vLLM adds its own Prometheus logger unless one of the factories is one.
     assert isinstance(factory, type) and issubclass(factory, PrometheusStatLogger)
+    from vllm.v1.metrics.stats import IterationStats
+
     logger = factory(None, [0])
-    logger.record(SimpleNamespace(num_waiting_reqs=3, num_running_reqs=2), None)
+    step = IterationStats()
+    step.num_generation_tokens = 7
+    step.prompt_token_stats.computed = 32
+    logger.record(SimpleNamespace(num_waiting_reqs=3, num_running_reqs=2), step)
     logger.record(None, None)  # an output without scheduler stats changes nothing
     logger.log()
     logger.log_engine_initialized()
     logger.record_sleep_state(0, 0)
     assert registry.get_sample_value("dreamsight_vision_engine_queue_depth") == 3
     assert registry.get_sample_value("dreamsight_vision_engine_running_requests") == 2
+    # Tokens per engine step, as vLLM's vllm:iteration_tokens_total counts them.
+    assert registry.get_sample_value("dreamsight_vision_engine_step_tokens_count") == 1
+    assert registry.get_sample_value("dreamsight_vision_engine_step_tokens_sum") == 39
 
 
 async def test_a_raw_prompt_is_continued_without_the_chat_template(

@@ -2,8 +2,9 @@
 
 vLLM hands scheduler stats to stat loggers; :meth:`VisionMetrics.stat_logger_factory`
 returns one that copies the engine's queue depth and running count into
-gauges here, and stands in for vLLM's own Prometheus logger (whose metrics
-this service would not export); vLLM's periodic log line stays.
+gauges here and the tokens of each engine step into a histogram, and stands
+in for vLLM's own Prometheus logger (whose metrics this service would not
+export); vLLM's periodic log line stays.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class VisionMetrics:
@@ -62,6 +64,13 @@ class VisionMetrics:
             "Requests the engine's scheduler is running",
             registry=registry,
         )
+        self.engine_step_tokens = Histogram(
+            "dreamsight_vision_engine_step_tokens",
+            "Tokens per engine step, prompt and generated (vLLM's vllm:iteration_tokens_total): "
+            "how full the engine's batches run",
+            buckets=_STEP_TOKEN_BUCKETS,
+            registry=registry,
+        )
 
     def stat_logger_factory(self) -> Any:
         """A vLLM stat logger factory that feeds these gauges.
@@ -91,6 +100,11 @@ class VisionMetrics:
                 if scheduler_stats is not None:
                     metrics.engine_waiting.set(scheduler_stats.num_waiting_reqs)
                     metrics.engine_running.set(scheduler_stats.num_running_reqs)
+                if iteration_stats is not None:
+                    metrics.engine_step_tokens.observe(
+                        iteration_stats.prompt_token_stats.computed
+                        + iteration_stats.num_generation_tokens
+                    )
 
             def record_admission_rejection(self, reason: str) -> None:
                 pass

@@ -483,12 +483,17 @@ class OpenAIApi:
             if shape.opening is not None:
                 await response.write(chunks.choice(shape.opening, 0, 0))
             while message is not None:
-                data = encode(message)
-                for more in call.ready():
-                    data += encode(more)
+                more = call.ready()
+                data = encode(message) + b"".join(map(encode, more))
+                last = more[-1] if more else message
+                if last.HasField("final"):  # the whole reply: the client has it now
+                    call.completed()  # and the bill follows the backend's trailer
+                    await response.write(data + _sse("[DONE]"))
+                    break
                 await response.write(data)
                 message = await call.read()
-            await response.write(_sse("[DONE]"))
+            else:
+                await response.write(_sse("[DONE]"))
         except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error event
             body = _error_body(http_error(error, self._up.core.errors, request))
             await response.write(_sse(body))

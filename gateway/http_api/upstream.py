@@ -168,7 +168,10 @@ class Upstream:
             await call.start()
             yield call
         finally:
-            await self.core.settle(call.settle())
+            if call.reply_complete:  # the caller has it all: bill without holding it
+                self.core.settle_later(call.settle())
+            else:
+                await self.core.settle(call.settle())
 
     def chat(
         self, request: web.Request, protocol: str, chat: vision_pb2.ChatRequest

@@ -266,7 +266,8 @@ class MeteredCall(Generic[M]):
         return messages
 
     async def settle(self, code_if_stopped: grpc.StatusCode = grpc.StatusCode.CANCELLED) -> None:
-        """Stop the call if it still runs, learn what it spent, bill it, free the slot.
+        """Stop the call if it still runs (after completed(): wait for its end
+        instead), learn what it spent, bill it, free the slot.
 
         Call it on every ending (it runs once), shielded from the caller's cancel."""
         if self._settled:

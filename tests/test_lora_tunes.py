@@ -10,6 +10,7 @@ serving tests run a real diffusion service over gRPC on 127.0.0.1 port 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import shutil
@@ -40,6 +41,7 @@ from diffusion_service.jobs.worker_events import (
     WorkerEvent,
 )
 from diffusion_service.server import DiffusionService, start_service
+from dreamsight_demo.weights import COMMITTED_ROOT
 from dreamsight_server.lifecycle import ServerOptions
 from tests.test_dreambooth import PHOTOS, tenant
 
@@ -200,6 +202,44 @@ def test_exports_hold_only_what_changed(trained: dict[str, Trained], sd_dir: Pat
     size = sum(p.stat().st_size for p in lora.rglob("*") if p.is_file())
     full_size = sum(p.stat().st_size for p in full.rglob("*") if p.is_file())
     assert size < full_size * 0.05
+
+
+def test_a_lora_export_keeps_every_adapter_it_trained(tmp_path: Path) -> None:
+    """Adapters on attention and on convolutions together, on the shapes model
+    (whose first block has no attention): diffusers' loader reads a file in
+    one key format, chosen by its first key, so a file that mixed the old
+    diffusers attention names with peft's lost the attention adapters."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from diffusion_service.dreambooth.trainer import _export_lora
+    from tests.test_dreambooth import build_module
+
+    shapes = COMMITTED_ROOT / "sd-shapes"
+    mixed = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv")
+    module, _ = build_module(shapes, dataclasses.replace(params("lora", 2), lora_layers=mixed))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if ".lora_B." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    _export_lora(module, tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(str(shapes), safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path))
+
+    def adapted(unet: Any) -> set[str]:
+        return {n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
+
+    assert adapted(pipe.unet) == adapted(module.unet)
+    assert any(n.endswith("downsamplers.0.conv") for n in adapted(pipe.unet))
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        states = module.text_encoder(module.prompt_ids)[0][:1]
+        module.unet.eval()
+        trained = module.unet(latents, 10, states).sample
+        loaded = pipe.unet(latents, 10, pipe.text_encoder(module.prompt_ids)[0][:1]).sample
+    assert torch.equal(trained, loaded)
 
 
 # Serving: one service, adapters of several tenants on one base pipeline.

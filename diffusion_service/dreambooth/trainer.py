@@ -526,7 +526,11 @@ def export(parts: Components, module: DreamBoothModule, out: Path, job_id: str) 
 
 
 def _export_lora(module: DreamBoothModule, out: Path) -> None:
-    """diffusers' own LoRA export, as its train_dreambooth_lora.py does it."""
+    """diffusers' own LoRA export, as its train_dreambooth_lora.py does it, but
+    with the UNet's adapters under peft's names: ``convert_state_dict_to_diffusers``
+    renames only the attention projections (to ``lora.down``/``lora.up``), and
+    ``load_lora_weights`` takes a UNet file's format from its first key, so a
+    file with adapters on convolutions too lost its attention adapters on load."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -538,7 +542,7 @@ def _export_lora(module: DreamBoothModule, out: Path) -> None:
         text_metadata = encoder.peft_config["default"].to_dict()
     StableDiffusionPipeline.save_lora_weights(
         out,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=text_layers,
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         text_encoder_lora_adapter_metadata=text_metadata,

@@ -49,8 +49,11 @@ UNET_LORA_LAYERS = (
     "conv2",
     "conv_shortcut",
     "time_emb_proj",
+    "conv",
 )
-"""UNet module names a job may put adapters on (Stable Diffusion's)."""
+"""UNet module names a job may put adapters on (Stable Diffusion's; peft matches
+a name as the last part of a module's path, so ``conv`` is the down- and
+upsamplers' convolution, not ``conv1``, ``conv_in`` or ``conv_out``)."""
 TEXT_ENCODER_LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
 """Where text-encoder adapters go (the diffusers LoRA script's choice)."""
 

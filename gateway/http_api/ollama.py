@@ -333,10 +333,11 @@ class OllamaApi:
                 more = call.ready()
                 data = encode(message) + b"".join(map(encode, more))
                 last = more[-1] if more else message
-                await response.write(data)
                 if last.HasField("final"):  # the whole reply: the client has it now
                     call.completed()  # and the bill follows the backend's trailer
+                    await response.write(data)
                     break
+                await response.write(data)
                 message = await call.read()
         except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error line
             error_line = {"error": http_error(error, self._up.core.errors, request).message}

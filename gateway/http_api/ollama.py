@@ -39,7 +39,7 @@ from gateway.http_api.body import (
     tools,
 )
 from gateway.http_api.errors import HttpError, error_middleware, http_error
-from gateway.http_api.upstream import Upstream, reply_text
+from gateway.http_api.upstream import Upstream, relay_chat, reply_text
 
 PROTOCOL = "ollama"
 VERSION = "0.12.0"
@@ -329,16 +329,7 @@ class OllamaApi:
         )
         await response.prepare(request)
         try:
-            while message is not None:
-                more = call.ready()
-                data = encode(message) + b"".join(map(encode, more))
-                last = more[-1] if more else message
-                if last.HasField("final"):  # the whole reply: the client has it now
-                    call.completed()  # and the bill follows the backend's trailer
-                    await response.write(data)
-                    break
-                await response.write(data)
-                message = await call.read()
+            await relay_chat(call, message, encode, response)
         except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error line
             error_line = {"error": http_error(error, self._up.core.errors, request).message}
             await response.write(_line(error_line))

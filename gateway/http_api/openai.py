@@ -45,7 +45,7 @@ from gateway.http_api.body import (
     tools,
 )
 from gateway.http_api.errors import HttpError, error_middleware, http_error
-from gateway.http_api.upstream import Upstream, reply_text
+from gateway.http_api.upstream import Upstream, relay_chat, reply_text
 
 log = logging.getLogger(__name__)
 
@@ -482,18 +482,7 @@ class OpenAIApi:
         try:
             if shape.opening is not None:
                 await response.write(chunks.choice(shape.opening, 0, 0))
-            while message is not None:
-                more = call.ready()
-                data = encode(message) + b"".join(map(encode, more))
-                last = more[-1] if more else message
-                if last.HasField("final"):  # the whole reply: the client has it now
-                    call.completed()  # and the bill follows the backend's trailer
-                    await response.write(data + _sse("[DONE]"))
-                    break
-                await response.write(data)
-                message = await call.read()
-            else:
-                await response.write(_sse("[DONE]"))
+            await relay_chat(call, message, encode, response, end=_sse("[DONE]"))
         except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error event
             body = _error_body(http_error(error, self._up.core.errors, request))
             await response.write(_sse(body))

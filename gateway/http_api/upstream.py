@@ -57,6 +57,30 @@ TIMEOUT_HEADER = "X-Request-Timeout"
 """Seconds the caller will wait; it becomes the upstream gRPC deadline."""
 
 
+async def relay_chat(
+    call: MeteredCall[vision_pb2.ChatResponse],
+    message: vision_pb2.ChatResponse | None,
+    encode: Callable[[vision_pb2.ChatResponse], bytes],
+    response: web.StreamResponse,
+    end: bytes = b"",
+) -> None:
+    """Write a chat stream from message on, those already waiting (a client that
+    lags) in one write, then end: at the message carrying final the reply is
+    whole, so it ends for the client at once and the call is marked complete
+    (its bill follows the backend's own end, see MeteredCall.completed)."""
+    while message is not None:
+        more = call.ready()
+        data = encode(message) + b"".join(map(encode, more))
+        if (more[-1] if more else message).HasField("final"):
+            call.completed()
+            await response.write(data + end)
+            return
+        await response.write(data)
+        message = await call.read()
+    if end:
+        await response.write(end)
+
+
 def reply_text(messages: list[vision_pb2.ChatResponse]) -> str:
     """The reply as the stream delivered it: its deltas, joined."""
     return "".join(m.delta for m in messages if m.HasField("delta"))

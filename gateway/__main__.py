@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dreamsight_server import lifecycle
-from gateway.config import parse_settings
-from gateway.server import start_gateway
+from dreamsight_server import grpc_core
+
+grpc_core.configure()  # before anything below imports grpc
+
+from dreamsight_server import lifecycle  # noqa: E402
+from gateway.config import parse_settings  # noqa: E402
+from gateway.server import start_gateway  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

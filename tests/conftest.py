@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import grpc
-import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from dreamsight_server import grpc_core
 
-from dreamsight_server.images import ImageLimits
-from dreamsight_server.lifecycle import ServerOptions
+# The servers the tests start in process run gRPC's core as the services do.
+grpc_core.configure()
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import grpc  # noqa: E402
+import pytest  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from dreamsight_server.images import ImageLimits  # noqa: E402
+from dreamsight_server.lifecycle import ServerOptions  # noqa: E402
 
 # vLLM on CPU needs an explicit KV-cache size (GiB); keep it small here.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dreamsight_server import lifecycle, torch_compat
-from dreamsight_server.settings import only_the_gateway
-from vision_service.config import parse_settings
-from vision_service.server import start_service
+from dreamsight_server import grpc_core
+
+grpc_core.configure()  # before anything below imports grpc
+
+from dreamsight_server import lifecycle, torch_compat  # noqa: E402
+from dreamsight_server.settings import only_the_gateway  # noqa: E402
+from vision_service.config import parse_settings  # noqa: E402
+from vision_service.server import start_service  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

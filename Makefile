@@ -90,6 +90,11 @@ bench-http-stream: setup
 bench-grpc-stream: setup
 	$(BIN)/python bench/bench_grpc_stream.py
 
+.PHONY: bench-grpc-core
+# gRPC core as our services set it (EventEngine off for sockets) against as it ships (~1 min).
+bench-grpc-core: setup
+	$(BIN)/python bench/bench_grpc_core.py
+
 # Retrain both demo models from scratch (CPU, ~25 min, seeded) and replace
 # the committed ones only when both trainings finished; commit the result.
 .PHONY: demo-models

@@ -50,7 +50,8 @@ def _cpu_s() -> float:
 
 
 async def _serve(port_queue: Any, gap_s: float) -> None:
-    import grpc
+    import grpc  # here, not at the top: GRPC_EXPERIMENTS is read when grpc loads
+    from bench_grpc_stream import serve_handlers
 
     async def stream(request: bytes, _: Any) -> AsyncIterator[bytes]:
         for _ in range(int(request)):
@@ -68,12 +69,7 @@ async def _serve(port_queue: Any, gap_s: float) -> None:
             cpu, request_deserializer=_same, response_serializer=_same
         ),
     }
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    port_queue.put(port)
-    await server.wait_for_termination()
+    await serve_handlers(SERVICE, handlers, port_queue)
 
 
 def _server_main(port_queue: Any, gap_s: float) -> None:

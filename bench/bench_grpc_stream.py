@@ -73,8 +73,14 @@ async def _serve(port_queue: Any, gap_s: float) -> None:
             sleep_only, request_deserializer=_same, response_serializer=_same
         ),
     }
+    await serve_handlers(SERVICE, handlers, port_queue)
+
+
+async def serve_handlers(service: str, handlers: dict[str, Any], port_queue: Any) -> None:
+    """A grpc.aio server of these method handlers on a free loopback port, put on
+    port_queue, until the process ends."""
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     port_queue.put(port)

@@ -26,6 +26,11 @@ steps ran (tokens per step, from each server's histogram of it); the last line i
     bench openai: tok_s_ratio_c1=A tok_s_ratio_c8=B tok_s_ratio_c16=C ttft_p50_added_ms_c1=D
 
 (ratios: ours / vLLM's server; D: ours minus vLLM's TTFT p50 at 1).
+
+``--compare-grpc-core`` adds a third side, ``ours-ee``: our path again (its own
+gateway and vision service) with gRPC's core as it ships (``GRPC_EXPERIMENTS``
+empty, the EventEngine on; see ``dreamsight_server.grpc_core``), alternating
+with the two others, and prints its ratios on the line before the last.
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stack import GatewayProcess, free_port, histogram, wait_grpc_serving
+
+from dreamsight_server import grpc_core
 
 ENGINE = ["--max-model-len", "2048", "--max-num-seqs", "16", "--enforce-eager"]
 ENGINE += ["--dtype", "float32"]
@@ -119,14 +127,6 @@ def _cpu_parts(proc: subprocess.Popen[bytes]) -> dict[str, float]:
     return parts
 
 
-def _stage_totals(gateway: GatewayProcess, vision_metrics: int) -> list[tuple[float, float]]:
-    """(sum, count) of the gateway's time to first chunk and the vision service's TTFT."""
-    return [
-        gateway.metric_mean("dreamsight_gateway_time_to_first_chunk_seconds"),
-        histogram(vision_metrics, "dreamsight_vision_time_to_first_token_seconds"),
-    ]
-
-
 def _step_tokens(port: int, name: str) -> tuple[float, float] | None:
     """(tokens, engine steps) so far, from a server's tokens-per-step histogram;
     None where the server does not export it (vLLM's, with its statistics off)."""
@@ -147,12 +147,48 @@ def _means(
     return gw, vision
 
 
+@dataclass
+class OurPath:
+    """One of our stacks: a gateway process in front of a vision service."""
+
+    gateway: GatewayProcess
+    vision_metrics: int
+    env: dict[str, str]
+    """Extra environment of both processes."""
+
+
+def _stage_totals(path: OurPath) -> list[tuple[float, float]]:
+    """(sum, count) of the gateway's time to first chunk and the vision service's TTFT."""
+    return [
+        path.gateway.metric_mean("dreamsight_gateway_time_to_first_chunk_seconds"),
+        histogram(path.vision_metrics, "dreamsight_vision_time_to_first_token_seconds"),
+    ]
+
+
+def _ratios(
+    summary: dict[tuple[str, int], tuple[float, float]], name: str, levels: list[int]
+) -> str:
+    """tok/s ratios against vLLM's server at each level, and the TTFT p50 added at the first."""
+    ratio = {c: summary[(name, c)][0] / summary[("vllm", c)][0] for c in levels}
+    added = summary[(name, levels[0])][1] - summary[("vllm", levels[0])][1]
+    return (
+        " ".join(f"tok_s_ratio_c{c}={ratio[c]:.3f}" for c in levels)
+        + f" ttft_p50_added_ms_c{levels[0]}={added:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,16")
     parser.add_argument("--model", type=Path, default=None, help="a LLaVA directory")
+    parser.add_argument(
+        "--compare-grpc-core",
+        action="store_true",
+        help="also run our path with gRPC's core as it ships (GRPC_EXPERIMENTS empty: the "
+        "EventEngine on), a third side alternating with the two others",
+    )
     parser.add_argument(
         "--vllm-disable-log-stats",
         action="store_true",
@@ -166,60 +202,76 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-openai-"))
     model = args.model or demo_model.build(workdir / MODEL_NAME)
-    vision_port, vllm_port, vision_metrics = free_port(), free_port(), free_port()
-    gateway = GatewayProcess(workdir, vision_port)
+    vllm_port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    logs = {n: open(workdir / f"{n}.log", "wb") for n in ("vision", "vllm")}  # noqa: SIM115
+    # Our path as the services run gRPC's core, and (--compare-grpc-core) as it ships.
+    variants: dict[str, dict[str, str]] = {"ours": {}} | (
+        {"ours-ee": {grpc_core.VARIABLE: ""}} if args.compare_grpc_core else {}
+    )
+    ours = {
+        name: OurPath(GatewayProcess(workdir / name, free_port(), env=extra), free_port(), extra)
+        for name, extra in variants.items()
+    }
+    logs = {n: open(workdir / f"{n}.log", "wb") for n in ("vllm", *ours)}  # noqa: SIM115
     # Both engines keep statistics by default (the vision service's gauges read the
     # scheduler's queue depth from them): the same engine settings on both sides.
     vllm_stats = ["--disable-log-stats"] if args.vllm_disable_log_stats else []
     procs = {
-        "vision": subprocess.Popen(
-            [sys.executable, "-m", "vision_service", "--model", str(model),
-             "--served-model-name", MODEL_NAME, "--port", str(vision_port),
-             "--metrics-port", str(vision_metrics), "--kv-cache-gib", "1", *ENGINE],
-            stdout=logs["vision"], stderr=subprocess.STDOUT, env={**env, **gateway.backend_env},
-        ),
         "vllm": subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
              "--model", str(model), "--port", str(vllm_port),
              "--served-model-name", MODEL_NAME, *vllm_stats, *ENGINE],
             stdout=logs["vllm"], stderr=subprocess.STDOUT, env=env,
         ),
+    } | {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "vision_service", "--model", str(model),
+             "--served-model-name", MODEL_NAME, "--port", str(path.gateway.vision_port),
+             "--metrics-port", str(path.vision_metrics), "--kv-cache-gib", "1", *ENGINE],
+            stdout=logs[name], stderr=subprocess.STDOUT,
+            env={**env, **path.env, **path.gateway.backend_env},
+        )
+        for name, path in ours.items()
     }  # fmt: skip
-    gateway.start()
-    sides = {
-        "ours": f"http://127.0.0.1:{gateway.http_port}",
-        "vllm": f"http://127.0.0.1:{vllm_port}",
-    }
+    for path in ours.values():
+        path.gateway.start()
+    sides = {name: f"http://127.0.0.1:{path.gateway.http_port}" for name, path in ours.items()}
+    sides["vllm"] = f"http://127.0.0.1:{vllm_port}"
+    keys: dict[str, str] = {}
     try:
-        wait_grpc_serving(vision_port, procs["vision"])
-        key = gateway.serving()
+        for name, path in ours.items():
+            wait_grpc_serving(path.gateway.vision_port, procs[name])
+            keys[name] = path.gateway.serving()
+        keys["vllm"] = keys["ours"]  # vLLM's server takes any key
         _wait_http(f"{sides['vllm']}/v1/models", procs["vllm"])
         for name, url in sides.items():  # warm-up
-            _vllm_bench(url, model, 4, 8, workdir / f"warm-{name}.json", key)
+            _vllm_bench(url, model, 4, 8, workdir / f"warm-{name}.json", keys[name])
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        stages: dict[int, list[tuple[float, float]]] = {}
+        stages: dict[tuple[str, int], list[tuple[float, float]]] = {}
         cpu: dict[tuple[str, int], list[float]] = {}  # process -> CPU-ms per output token
         parts: dict[tuple[str, str, int], list[float]] = {}  # (process, part, c) -> the same
         steps: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (tokens, steps) per run
         step_metric = {
-            "ours": (vision_metrics, "dreamsight_vision_engine_step_tokens"),
-            "vllm": (vllm_port, "vllm:iteration_tokens_total"),
-        }
-        assert gateway.proc is not None
-        trees = {
-            "ours": {"gateway": gateway.proc, "vision (with vLLM)": procs["vision"]},
-            "vllm": {"vllm server (with vLLM)": procs["vllm"]},
-        }
+            name: (path.vision_metrics, "dreamsight_vision_engine_step_tokens")
+            for name, path in ours.items()
+        } | {"vllm": (vllm_port, "vllm:iteration_tokens_total")}
+        trees: dict[str, dict[str, subprocess.Popen[bytes]]] = {
+            name: {
+                f"{name} gateway": path.gateway.running,
+                f"{name} vision (with vLLM)": procs[name],
+            }
+            for name, path in ours.items()
+        } | {"vllm": {"vllm server (with vLLM)": procs["vllm"]}}
         for round_ in range(args.rounds):
             for concurrency in levels:
-                for name, url in sides.items():
+                order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
+                for name in order:
+                    url, mine = sides[name], ours.get(name)
                     out = workdir / f"{name}-c{concurrency}-r{round_}.json"
-                    before = _stage_totals(gateway, vision_metrics) if name == "ours" else None
+                    before = None if mine is None else _stage_totals(mine)
                     cpu_before = {n: _cpu_parts(p) for n, p in trees[name].items()}
                     steps_before = _step_tokens(*step_metric[name])
-                    result = _vllm_bench(url, model, concurrency, args.prompts, out, key)
+                    result = _vllm_bench(url, model, concurrency, args.prompts, out, keys[name])
                     steps_after = _step_tokens(*step_metric[name])
                     if steps_after is not None:
                         b = steps_before or (0.0, 0.0)
@@ -237,33 +289,35 @@ def main() -> None:
                         for part, seconds in spent.items():
                             key3 = (n, part, concurrency)
                             parts.setdefault(key3, []).append(1e3 * seconds / tokens)
-                    if before is not None:
-                        after = _stage_totals(gateway, vision_metrics)
-                        stages.setdefault(concurrency, []).append(_means(before, after))
-        print(f"{'side':6} {'conc':>4} {'tok/s':>9} {'ttft_p50_ms':>12} {'tokens':>7}")
+                    if mine is not None and before is not None:
+                        after = _stage_totals(mine)
+                        stages.setdefault((name, concurrency), []).append(_means(before, after))
+        print(f"{'side':7} {'conc':>4} {'tok/s':>9} {'ttft_p50_ms':>12} {'tokens':>7}")
         summary: dict[tuple[str, int], tuple[float, float]] = {}
         for (name, concurrency), runs in sorted(results.items()):
             tps = statistics.median(r["output_throughput"] for r in runs)
             ttft = statistics.median(r["median_ttft_ms"] for r in runs)
             tokens = {r["total_output_tokens"] for r in runs}
             summary[(name, concurrency)] = (tps, ttft)
-            print(f"{name:6} {concurrency:>4} {tps:>9.1f} {ttft:>12.2f} {sorted(tokens)!s:>7}")
-        for concurrency in levels:
-            ours = {r["total_output_tokens"] for r in results[("ours", concurrency)]}
+            print(f"{name:7} {concurrency:>4} {tps:>9.1f} {ttft:>12.2f} {sorted(tokens)!s:>7}")
+        for name, concurrency in [(n, c) for n in ours for c in levels]:
+            totals = {r["total_output_tokens"] for r in results[(name, concurrency)]}
             theirs = {r["total_output_tokens"] for r in results[("vllm", concurrency)]}
-            if ours != theirs:
+            if totals != theirs:
                 raise SystemExit(
-                    f"token totals differ at concurrency {concurrency}: ours {sorted(ours)}, "
+                    f"token totals differ at concurrency {concurrency}: {name} {sorted(totals)}, "
                     f"vLLM's server {sorted(theirs)}: the two sides did not do the same work"
                 )
         print(
             "\nwhere our TTFT goes (means, ms): client sees | gateway's first chunk | "
             "vision service's first token"
         )
-        for concurrency in levels:
-            client = statistics.mean(r["mean_ttft_ms"] for r in results[("ours", concurrency)])
-            gw, vision = (statistics.mean(s[i] for s in stages[concurrency]) for i in (0, 1))
-            print(f"  c={concurrency:<3} {client:8.2f} | {gw:8.2f} | {vision:8.2f}")
+        for name, concurrency in [(n, c) for n in ours for c in levels]:
+            client = statistics.mean(r["mean_ttft_ms"] for r in results[(name, concurrency)])
+            gw, vision = (
+                statistics.mean(s[i] for s in stages[(name, concurrency)]) for i in (0, 1)
+            )
+            print(f"  {name:7} c={concurrency:<3} {client:8.2f} | {gw:8.2f} | {vision:8.2f}")
         print("\nengine steps per run and tokens per step (prompt and generated), median of runs:")
         for name in sides:
             row = "  ".join(
@@ -273,11 +327,11 @@ def main() -> None:
                 else f"c={c}: not exported"
                 for c in levels
             )
-            print(f"  {name:6} {row}")
+            print(f"  {name:7} {row}")
         print("\nCPU per output token (ms, process and its children), by concurrency:")
         for process in [n for side in trees.values() for n in side]:
             row = "  ".join(f"c={c}: {statistics.median(cpu[(process, c)]):6.2f}" for c in levels)
-            print(f"  {process:24} {row}")
+            print(f"  {process:32} {row}")
             for part in ("front end", "engine core", "worker", "other"):
                 if (process, part, levels[0]) not in parts:
                     continue
@@ -285,17 +339,14 @@ def main() -> None:
                     f"c={c}: {statistics.median(parts.get((process, part, c), [0.0])):6.2f}"
                     for c in levels
                 )
-                print(f"    {part:22} {row}")
-        ratio = {c: summary[("ours", c)][0] / summary[("vllm", c)][0] for c in levels}
-        added = summary[("ours", levels[0])][1] - summary[("vllm", levels[0])][1]
+                print(f"    {part:30} {row}")
         print(f"(logs and results in {workdir})")
-        print(
-            "bench openai: "
-            + " ".join(f"tok_s_ratio_c{c}={ratio[c]:.3f}" for c in levels)
-            + f" ttft_p50_added_ms_c{levels[0]}={added:.2f}"
-        )
+        if "ours-ee" in ours:
+            print(f"ours with gRPC's core as it ships: {_ratios(summary, 'ours-ee', levels)}")
+        print(f"bench openai: {_ratios(summary, 'ours', levels)}")
     finally:
-        gateway.stop()
+        for path in ours.values():
+            path.gateway.stop()
         for proc in procs.values():
             proc.terminate()
         for proc in procs.values():

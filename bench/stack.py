@@ -57,6 +57,8 @@ class GatewayProcess:
     port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the gateway process."""
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -65,13 +67,21 @@ class GatewayProcess:
         """The variable that makes the vision service accept this gateway (only)."""
         return {"DREAMSIGHT_VISION_GATEWAY_SECRET": self.secret}
 
+    @property
+    def running(self) -> subprocess.Popen[bytes]:
+        """The gateway's process (after start())."""
+        assert self.proc is not None, "start() first"
+        return self.proc
+
     def start(self) -> None:
         """Start it (returns at once; serving() waits)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "tiers.yaml").write_text(BENCH_TIERS)
         env = {
             **os.environ,
             "DREAMSIGHT_GATEWAY_BACKEND_SECRET": self.secret,
             "DREAMSIGHT_GATEWAY_ADMIN_TOKEN": self.admin_token,
+            **self.env,
         }
         self._log = open(self.workdir / "gateway.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(

@@ -1,13 +1,16 @@
 """Search DreamBooth settings on the shapes demo model: the sweep in docs/quality.md.
 
-    python -m dreamsight_demo.sweep [--images N] [--jobs K] SETTINGS_JSON...
+    python -m dreamsight_demo.sweep [--images N] [--jobs K] [--defaults FILE] SETTINGS_JSON...
 
 Each SETTINGS_JSON overrides fields of ``quality.DREAMBOOTH_LORA`` (for
 example ``'{"learning_rate": 1e-3, "rank": 8, "max_train_steps": 1000}'``).
 Starts the diffusion service on ``models/sd-shapes`` behind the real gateway
 (no vision service), trains every job through the public async client, ``--jobs``
 at a time, and judges N images of "a sks shape" and N/8 of each base prompt
-drawn through the tuned model. Prints one JSON line per job.
+drawn through the tuned model. Prints one JSON line per job. ``--defaults`` gives
+the diffusion service an operator's copy of ``dreambooth_defaults.yaml``, for the
+trainer options a job cannot set (``trainer.snr_gamma``, ``trainer.lr_scheduler``);
+it applies to every job of the run.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 training=TrainingSettings(
                     store=tmp / "jobs.sqlite3",
                     artifacts_dir=tmp / "training",
+                    defaults_file=args.defaults,
                     concurrency=args.jobs,
                     stop_grace_s=5.0,
                 ),
@@ -137,6 +141,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16, help="subject images per job")
     parser.add_argument("--jobs", type=int, default=2, help="jobs trained at once")
+    parser.add_argument(
+        "--defaults", type=Path, default=None,
+        help="DreamBooth defaults file for the diffusion service (trainer options)",
+    )  # fmt: skip
     parser.add_argument("settings", nargs="+", help="JSON overrides of DREAMBOOTH_LORA")
     asyncio.run(main_async(parser.parse_args()))
 

@@ -347,6 +347,33 @@ def test_prior_loss_is_added_only_with_prior_preservation(sd_dir: Path) -> None:
     assert math.isfinite(float(module.losses(batch)["loss"].detach()))
 
 
+def test_min_snr_weighting_is_finite_at_zero_terminal_snr(sd_dir: Path) -> None:
+    """The shapes model's schedule (v-prediction, zero terminal SNR) has SNR 0 at its last
+    timestep: the weight there is 0, as the diffusers scripts' min(SNR, gamma) / (SNR + 1),
+    not 0/0 (which made a whole job's adapters NaN once that timestep was drawn)."""
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    module, _ = build_module(sd_dir, job_params(trainer=TrainerOptions(snr_gamma=5.0)))
+    module.noise_scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True,
+    )  # fmt: skip
+    timesteps = torch.tensor([0, 500, 999])
+    snr = compute_snr(module.noise_scheduler, timesteps)
+    assert snr[-1] == 0
+    pred, target = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2)  # per-image MSE 1
+    loss = module._instance_loss(pred, target, timesteps)
+    expected = (torch.clamp(snr, max=5.0) / (snr + 1)).mean()
+    assert torch.isfinite(loss) and torch.allclose(loss, expected)
+    # The last timestep's image adds nothing (its weight is 0) and no NaN to the gradient.
+    pred = torch.zeros(3, 4, 2, 2, requires_grad=True)
+    module._instance_loss(pred, target, timesteps).backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
+    assert torch.count_nonzero(pred.grad[-1]) == 0
+
+
 def test_vae_is_frozen_in_eval_mode_and_outside_the_optimizer(sd_dir: Path) -> None:
     for train_text_encoder in (True, False):
         module, _ = build_module(sd_dir, job_params(train_text_encoder=train_text_encoder))

@@ -164,13 +164,17 @@ class DreamBoothModule(pl.LightningModule):  # type: ignore[misc]
         gamma = self.params.trainer.snr_gamma
         if gamma is None:
             return F.mse_loss(pred, target, reduction="mean")
-        # Min-SNR weighting (arXiv:2303.09556), as the diffusers script.
+        # Min-SNR weighting (arXiv:2303.09556), as the diffusers scripts: min(SNR, gamma)
+        # over the objective's own SNR weight, SNR for epsilon and SNR + 1 for v. Not
+        # min(SNR, gamma) / SNR + 1 for v (their older form): a zero-terminal-SNR
+        # schedule (the shapes model's) has SNR 0 at its last timestep, where that is 0/0.
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(self.noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=gamma) / snr
         if self.noise_scheduler.config.prediction_type == "v_prediction":
-            weight = weight + 1
+            weight = torch.clamp(snr, max=gamma) / (snr + 1)
+        else:
+            weight = torch.clamp(snr, max=gamma) / snr
         loss = F.mse_loss(pred, target, reduction="none")
         weighted: torch.Tensor = (loss.mean(dim=list(range(1, loss.ndim))) * weight).mean()
         return weighted

@@ -144,7 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--messages", type=int, default=32)
+    parser.add_argument("--messages", type=int, default=128)
     parser.add_argument("--gap-ms", type=float, default=6.0)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

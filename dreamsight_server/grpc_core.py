@@ -10,11 +10,11 @@ message crosses three threads: the engine's poller reads the socket, the
 completion queue's poller thread takes the event, and asyncio's loop runs the
 handler. With it off, the completion queue's poller reads the sockets itself
 (gRPC's iomgr, its long-standing path) and one hop goes. Measured on the 2-core
-machine with 16 streams of paced 60-byte messages (docs/benchmarks.md, "Sixth
-round"): the reading side's CPU per message falls from 76-96 us to 46-57 us,
-the writing side's by a tenth. A chat token crosses one such hop between the
-vision service and the gateway (and one more to a gRPC client), so this is CPU
-the model's forward passes get back.
+machine with 16 streams of paced 40-byte messages (``make bench-grpc-core``;
+docs/benchmarks.md, "Sixth round"): the reading side's CPU per message falls
+from 61-68 us to 38-44 us, the writing side's by 5-10%. A chat token crosses
+one such hop between the vision service and the gateway (and one more to a
+gRPC client), so this is CPU the model's forward passes get back.
 
 An operator who sets ``GRPC_EXPERIMENTS`` (even empty) keeps their value.
 """

@@ -152,9 +152,8 @@ class OurPath:
     """One of our stacks: a gateway process in front of a vision service."""
 
     gateway: GatewayProcess
+    """Its env is the extra environment of both processes."""
     vision_metrics: int
-    env: dict[str, str]
-    """Extra environment of both processes."""
 
 
 def _stage_totals(path: OurPath) -> list[tuple[float, float]]:
@@ -209,7 +208,7 @@ def main() -> None:
         {"ours-ee": {grpc_core.VARIABLE: ""}} if args.compare_grpc_core else {}
     )
     ours = {
-        name: OurPath(GatewayProcess(workdir / name, free_port(), env=extra), free_port(), extra)
+        name: OurPath(GatewayProcess(workdir / name, free_port(), env=extra), free_port())
         for name, extra in variants.items()
     }
     logs = {n: open(workdir / f"{n}.log", "wb") for n in ("vllm", *ours)}  # noqa: SIM115
@@ -229,7 +228,7 @@ def main() -> None:
              "--served-model-name", MODEL_NAME, "--port", str(path.gateway.vision_port),
              "--metrics-port", str(path.vision_metrics), "--kv-cache-gib", "1", *ENGINE],
             stdout=logs[name], stderr=subprocess.STDOUT,
-            env={**env, **path.env, **path.gateway.backend_env},
+            env={**env, **path.gateway.env, **path.gateway.backend_env},
         )
         for name, path in ours.items()
     }  # fmt: skip

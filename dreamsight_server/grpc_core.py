@@ -22,7 +22,6 @@ An operator who sets ``GRPC_EXPERIMENTS`` (even empty) keeps their value.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import MutableMapping
 
 EXPERIMENTS = (
@@ -36,9 +35,8 @@ EXPERIMENTS = (
 VARIABLE = "GRPC_EXPERIMENTS"
 
 
-def configure(environ: MutableMapping[str, str] | None = None) -> bool:
-    """Set ``GRPC_EXPERIMENTS`` unless it is set; False when grpc was already
-    imported in this process (then the setting reaches only child processes)."""
+def configure(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set ``GRPC_EXPERIMENTS`` (in os.environ by default) unless it is set. Call it
+    before grpc is imported: after, the setting reaches only child processes."""
     env = os.environ if environ is None else environ
     env.setdefault(VARIABLE, ",".join(EXPERIMENTS))
-    return "grpc" not in sys.modules

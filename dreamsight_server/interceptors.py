@@ -49,6 +49,21 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
+def error_status(
+    error: Exception, method: str, table: ErrorTable, request_id: str | None = None
+) -> grpc.Status:
+    """The status (code, details, trailing metadata) the error table gives for
+    error; anything unmapped is logged and becomes a generic INTERNAL."""
+    code = table.code_for(error)
+    request_id = request_id or request_id_var.get()
+    if isinstance(error, DreamsightError) and code is not grpc.StatusCode.INTERNAL:
+        return to_status(code, error.message, error)
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return to_status(code, f"{method} is not implemented", None)
+    log.exception("internal error in %s (request id %s)", method, request_id, exc_info=error)
+    return to_status(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", None)
+
+
 async def abort_with(
     context: grpc.aio.ServicerContext[Any, Any],
     error: Exception,
@@ -60,17 +75,7 @@ async def abort_with(
     """End a call with the status the error table gives for error (and extra trailers)."""
     if context.cancelled() or context.done():
         return  # the caller is gone; there is nobody to tell
-    code = table.code_for(error)
-    request_id = request_id or request_id_var.get()
-    if isinstance(error, DreamsightError) and code is not grpc.StatusCode.INTERNAL:
-        status = to_status(code, error.message, error)
-    elif code is grpc.StatusCode.UNIMPLEMENTED:
-        status = to_status(code, f"{method} is not implemented", None)
-    else:
-        log.exception("internal error in %s (request id %s)", method, request_id)
-        status = to_status(
-            grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", None
-        )
+    status = error_status(error, method, table, request_id)
     trailers = (*status.trailing_metadata, *extra_trailers)
     await context.abort(status.code, status.details, trailers)
 

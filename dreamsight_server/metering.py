@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +109,67 @@ def _metadata_value(context: Context, name: str) -> str:
     return ""
 
 
+@dataclass
+class Settlement:
+    """How a settled call ended, and what it spent."""
+
+    usage: CallUsage
+    stopped: bool
+    """The gateway stopped it (or went away) before it ended by itself."""
+    error: BaseException | None
+    """What the behaviour raised, if it failed."""
+
+    @property
+    def trailer(self) -> tuple[tuple[str, str]]:
+        """The GPU-seconds trailer every ending carries."""
+        return gpu_seconds_trailer(self.usage.gpu_seconds)
+
+
+async def run_settled(
+    behavior: Behavior,
+    request: Any,
+    context: Context,
+    write: Callable[[Any], Awaitable[None]],
+    stop: Awaitable[Any],
+    name: str,
+) -> Settlement:
+    """Run one settled call: its behaviour, with the call's allowance and usage
+    in the context variable engines report to, writing each message with
+    write, until it ends or stop completes (the gateway's "stop now"); then
+    wait until its work has really stopped and log what it spent."""
+    request_id_var.set(_metadata_value(context, REQUEST_ID_HEADER))
+    usage = CallUsage(allowance=_allowance(context))
+    token = _usage.set(usage)
+    try:  # the pump task copies this context, usage included
+        pump = asyncio.ensure_future(_pump(behavior(request, context), write))
+    finally:
+        _usage.reset(token)
+    stopping = asyncio.ensure_future(stop)
+    stopping.add_done_callback(_retrieve)
+    error: BaseException | None = None
+    try:
+        await asyncio.wait({pump, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not pump.done():
+            pump.cancel()  # stop now; the engine waits for its work to stop
+        await asyncio.wait({pump})
+        if not pump.cancelled():
+            error = pump.exception()
+    finally:
+        stopping.cancel()
+        if not pump.done():  # the gateway itself went away: stop the work anyway
+            pump.cancel()
+    ended = "stopped" if pump.cancelled() else "error" if error is not None else "ok"
+    log.info(
+        "settled %s tenant=%s request_id=%s gpu_seconds=%r ended=%s",
+        name,
+        _metadata_value(context, TENANT_HEADER),
+        request_id_var.get(),
+        usage.gpu_seconds,
+        ended,
+    )
+    return Settlement(usage, pump.cancelled(), error)
+
+
 def settled_handler(
     behavior: Behavior,
     request_type: Any,
@@ -120,47 +181,18 @@ def settled_handler(
     """The settled twin of a unary-stream servicer method (see the module doc)."""
 
     async def handle(_: Any, context: Context) -> None:
-        request_id_var.set(_metadata_value(context, REQUEST_ID_HEADER))
         await context.send_initial_metadata(((DEVICE_SHARE_HEADER, repr(device_share())),))
         request = await context.read()
         if request is grpc.aio.EOF:  # type: ignore[attr-defined]
             context.set_trailing_metadata(gpu_seconds_trailer(0.0))
             return  # stopped before it began: nothing spent
-        usage = CallUsage(allowance=_allowance(context))
-        token = _usage.set(usage)
-        try:  # the pump task copies this context, usage included
-            pump = asyncio.ensure_future(_pump(behavior(request, context), context))
-        finally:
-            _usage.reset(token)
-        stop = asyncio.ensure_future(context.read())  # returns at the gateway's half-close
-        stop.add_done_callback(_retrieve)
-        error: BaseException | None = None
-        try:
-            await asyncio.wait({pump, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done():
-                pump.cancel()  # stop now; the engine waits for its work to stop
-            await asyncio.wait({pump})
-            if not pump.cancelled():
-                error = pump.exception()
-        finally:
-            stop.cancel()
-            if not pump.done():  # the gateway itself went away: stop the work anyway
-                pump.cancel()
-        trailer = gpu_seconds_trailer(usage.gpu_seconds)
-        ended = "stopped" if pump.cancelled() else "error" if error is not None else "ok"
-        log.info(
-            "settled %s tenant=%s request_id=%s gpu_seconds=%r ended=%s",
-            name,
-            _metadata_value(context, TENANT_HEADER),
-            request_id_var.get(),
-            usage.gpu_seconds,
-            ended,
-        )
-        if isinstance(error, Exception):
-            await abort_with(context, error, name, table, extra_trailers=trailer)
+        # The stop read returns at the gateway's half-close.
+        settled = await run_settled(behavior, request, context, context.write, context.read(), name)
+        if isinstance(settled.error, Exception):
+            await abort_with(context, settled.error, name, table, extra_trailers=settled.trailer)
             return
-        context.set_trailing_metadata(trailer)
-        if pump.cancelled():
+        context.set_trailing_metadata(settled.trailer)
+        if settled.stopped:
             context.set_code(grpc.StatusCode.CANCELLED)
             context.set_details("stopped by the gateway")
 
@@ -177,10 +209,10 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-async def _pump(events: AsyncIterator[Any], context: Context) -> None:
+async def _pump(events: AsyncIterator[Any], write: Callable[[Any], Awaitable[None]]) -> None:
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         async for event in events:
-            await context.write(event)
+            await write(event)
 
 
 def settled_handlers(

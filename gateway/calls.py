@@ -1,8 +1,9 @@
 """One lifecycle for every metered call the gateway forwards (Chat, Generate),
 whichever front end admitted it: the gRPC pass-through and both HTTP APIs.
 
-admit (in the core) -> call the backend's settled twin -> read messages ->
-settle. Settling happens on every ending, exactly once: on a normal end or a
+admit (in the core) -> call the backend's settled twin (on a lane shared
+with other calls where :mod:`gateway.lanes` carries the method) -> read
+messages -> settle. Settling happens on every ending, exactly once: on a normal end or a
 backend error the backend's trailer is already here; on a caller's cancel,
 disconnect or deadline the gateway half-closes the stream ("stop now") and
 waits for the backend to stop its work and report (see
@@ -30,6 +31,7 @@ from dreamsight_server.errors import DeadlineExceeded
 from dreamsight_server.metadata import DEVICE_SHARE_HEADER, GPU_SECONDS_TRAILER
 from dreamsight_server.metering import settled_path
 from gateway.core import Admission, GatewayCore
+from gateway.lanes import pool_for
 
 M = TypeVar("M")
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
@@ -103,12 +105,22 @@ class MeteredCall(Generic[M]):
         # Past the caller's own deadline the gateway stops the call itself and
         # then waits up to settle_timeout_s for the backend's report.
         timeout = None if caller_timeout_s is None else caller_timeout_s + core.settle_timeout_s
-        multicallable = _settled(
-            channel, admission.service, admission.method, serializer, deserializer
-        )
-        self._call: Any = multicallable(
-            None, metadata=core.backend_metadata(admission), timeout=timeout
-        )
+        metadata = core.backend_metadata(admission)
+        lanes = pool_for(channel, f"{admission.service}.{admission.method}")
+        self._call: Any
+        if lanes is not None:  # on a lane shared with other calls (gateway.lanes)
+            self._call = lanes.call(
+                f"{admission.service}.{admission.method}",
+                metadata,
+                timeout,
+                serializer,
+                deserializer,
+            )
+        else:
+            multicallable = _settled(
+                channel, admission.service, admission.method, serializer, deserializer
+            )
+            self._call = multicallable(None, metadata=metadata, timeout=timeout)
         self._request = request
         self._opened = time.monotonic()
         self._expires_at = expires_at

@@ -71,6 +71,13 @@ class GatewaySettings:
         env="JOB_SWEEP_SECONDS",
         minimum=0.1,
     )
+    lane_calls: int = setting(
+        8,
+        "vision chats carried together on one stream to a vision replica, so that the "
+        "tokens of several chats cross to the gateway in one message per engine step; "
+        "a new stream opens when each is full; 0 gives each chat its own stream",
+        minimum=0,
+    )
     key_cache_ttl_s: float = 5.0
     """How long a verified key is trusted before the store is asked again."""
     budget_cache_ttl_s: float = 1.0

@@ -22,6 +22,7 @@ from gateway.grpc_api.servicers import AdminServicer, UsageServicer
 from gateway.http_api.server import HttpServer, start_http
 from gateway.http_api.upstream import BodyLimits
 from gateway.keys import KeyService
+from gateway.lanes import LanePool, attach
 from gateway.metrics import GatewayMetrics
 from gateway.store import AsyncStore, SqlStore
 from gateway.tiers import load_tiers
@@ -113,6 +114,8 @@ async def start_gateway(
     name = settings.backend_tls_server_name
     vision = backend_channel(settings.vision_target, max_bytes, credentials, name)
     diffusion = backend_channel(settings.diffusion_target, max_bytes, credentials, name)
+    if settings.lane_calls > 0:
+        attach(vision, LanePool(vision, settings.lane_calls, ["VisionService.Chat"]))
     training = TrainingMeter(core, diffusion, store)
     names = [d.full_name for d in (VISION, DIFFUSION, USAGE, ADMIN)]
     server = GrpcServer(settings.server, names, registry)

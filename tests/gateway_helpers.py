@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dreamsight_server import metering
 from dreamsight_server.errors import ErrorTable, InvalidArgument
 from dreamsight_server.interceptors import ErrorMappingInterceptor
+from dreamsight_server.lanes import LaneServer
 from dreamsight_server.lifecycle import ServerOptions
 from dreamsight_server.metadata import TENANT_HEADER, gpu_seconds_trailer
 from dreamsight_server.metering import settled_handlers
@@ -105,13 +106,15 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
         return vision_pb2.GetModelResponse(model=vision_pb2.VisionModel(name="fake"))
 
 
-def serve_fake_vision(server: grpc.aio.Server, impl: FakeVision) -> None:
-    """Add the fake's VisionService, and the settled twin of its Chat (the real
-    wrapper, which is what the gateway calls), to a server."""
+def serve_fake_vision(server: grpc.aio.Server, impl: FakeVision) -> LaneServer:
+    """Add the fake's VisionService, the settled twin of its Chat and its lanes
+    (the real wrappers, which are what the gateway calls), to a server."""
     vision_pb2_grpc.add_VisionServiceServicer_to_server(impl, server)
     chat = (impl.Chat, vision_pb2.ChatRequest, vision_pb2.ChatResponse)
     settled = settled_handlers("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0)
-    server.add_generic_rpc_handlers((settled,))
+    lanes = LaneServer("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0)
+    server.add_generic_rpc_handlers((settled, lanes.handler()))
+    return lanes
 
 
 class FakeBackend:
@@ -122,10 +125,11 @@ class FakeBackend:
         self.port = port
         self.server: grpc.aio.Server | None = None
         self.health: Any = None
+        self.lanes: LaneServer | None = None
 
     async def start(self) -> int:
         server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-        serve_fake_vision(server, self.impl)
+        self.lanes = serve_fake_vision(server, self.impl)
         servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -155,6 +159,7 @@ async def gateway_for(
     metrics_port: int | None = 0,
     http_port: int | None = None,
     diffusion_port: int | None = None,
+    lane_calls: int = 8,
 ) -> Gateway:
     """A gateway on port 0 whose backends are the fake (HTTP off unless asked)."""
     settings = GatewaySettings(
@@ -168,6 +173,7 @@ async def gateway_for(
         queue_wait_s=queue_wait_s,
         lease_ttl_s=lease_ttl_s,
         http_port=http_port,
+        lane_calls=lane_calls,
         server=ServerOptions(metrics_port=metrics_port, grace_s=1.0),
     )
     return await start_gateway(settings)

@@ -350,7 +350,8 @@ async def test_metrics_count_by_code_and_tier_without_keys(
 
 async def test_round_robin_over_healthy_backends_only(tmp_path: Path) -> None:
     """Several addresses behind one target: calls spread over all of them, and
-    a backend whose health goes NOT_SERVING gets no more calls."""
+    a backend whose health goes NOT_SERVING gets no more calls (each chat on
+    its own stream; lanes spread per lane, see test_lanes.py)."""
     from grpc_health.v1 import health_pb2
 
     first, second = FakeBackend(FakeVision()), FakeBackend(FakeVision())
@@ -363,7 +364,7 @@ async def test_round_robin_over_healthy_backends_only(tmp_path: Path) -> None:
     from gateway.server import start_gateway
 
     target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
-    gw = await start_gateway(replace(gw.settings, vision_target=target))
+    gw = await start_gateway(replace(gw.settings, vision_target=target, lane_calls=0))
     try:
         key = await new_key(gw, "spread", "max")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:

@@ -41,9 +41,19 @@ async def backend() -> AsyncIterator[FakeBackend]:
     await fake.kill()
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path, backend: FakeBackend) -> AsyncIterator[Gateway]:
-    gw = await gateway_for(tmp_path, backend.port, queue_length=40, queue_wait_s=20, http_port=0)
+@pytest.fixture(params=[8, 0], ids=["lanes", "own-streams"])
+async def gateway(
+    tmp_path: Path, backend: FakeBackend, request: pytest.FixtureRequest
+) -> AsyncIterator[Gateway]:
+    """Both transports to the backend: chats on shared lanes, and each on its own stream."""
+    gw = await gateway_for(
+        tmp_path,
+        backend.port,
+        queue_length=40,
+        queue_wait_s=20,
+        http_port=0,
+        lane_calls=request.param,
+    )
     yield gw
     await gw.stop(0)
 

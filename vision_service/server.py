@@ -9,6 +9,7 @@ from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from dreamsight_server.errors import ErrorTable
+from dreamsight_server.lanes import LaneServer
 from dreamsight_server.lifecycle import GrpcServer
 from dreamsight_server.metering import settled_handlers
 from vision_service.config import VisionSettings
@@ -28,6 +29,7 @@ class VisionService:
     server: GrpcServer
     engine: VllmChatEngine
     metrics: VisionMetrics
+    lanes: LaneServer
 
     @property
     def port(self) -> int:
@@ -41,6 +43,7 @@ class VisionService:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, drain streams within the grace period, stop the engine."""
+        self.lanes.retire()  # the gateway opens no more chats here
         await self.server.stop(grace_s)
         self.engine.shutdown()
 
@@ -58,15 +61,13 @@ async def start_service(
     vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server.server)
     chat = (servicer.Chat, vision_pb2.ChatRequest, vision_pb2.ChatResponse)
     devices = float(settings.tensor_parallel_size)
+
+    def device_share() -> float:
+        return devices / (engine.meter.running + 1)  # sharing with those running
+
+    lanes = LaneServer("VisionService", {"Chat": chat}, errors, device_share)
     server.server.add_generic_rpc_handlers(
-        (
-            settled_handlers(
-                "VisionService",
-                {"Chat": chat},
-                errors,
-                lambda: devices / (engine.meter.running + 1),  # sharing with those running
-            ),
-        )
+        (settled_handlers("VisionService", {"Chat": chat}, errors, device_share), lanes.handler())
     )
     await server.start()
-    return VisionService(settings, server, engine, metrics)
+    return VisionService(settings, server, engine, metrics, lanes)

@@ -1,0 +1,1 @@
+"""Generated protobuf package; regenerate with scripts/gen_protos.py."""

@@ -1,0 +1,192 @@
+"""Lanes: many chats on one stream between the gateway and a vision replica
+(gateway.lanes, dreamsight_server.lanes), behind real gRPC servers on loopback.
+
+The metering rules on lanes (every ending billed what the backend spent, the
+slot back only after) run in tests/test_metering.py on both transports; here
+is what is particular to sharing a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from dreamsight.internal.v1 import lanes_pb2
+from dreamsight.vision.v1 import vision_pb2_grpc
+
+from gateway import lanes as gateway_lanes
+from gateway.server import Gateway
+from tests.gateway_helpers import (
+    FakeBackend,
+    FakeVision,
+    bearer,
+    chat_request,
+    collect,
+    gateway_for,
+    new_key,
+    no_slots_held,
+)
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[FakeBackend]:
+    fake = FakeBackend(FakeVision(gpu_seconds=0.25))
+    await fake.start()
+    yield fake
+    await fake.kill()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, backend: FakeBackend) -> AsyncIterator[Gateway]:
+    gw = await gateway_for(tmp_path, backend.port, queue_length=40, queue_wait_s=20, lane_calls=4)
+    yield gw
+    await gw.stop(0)
+
+
+@pytest.fixture
+async def channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as ch:
+        yield ch
+
+
+def _pool(gateway: Gateway) -> gateway_lanes.LanePool:
+    pool = gateway_lanes.pool_for(gateway.channels[0], "VisionService.Chat")
+    assert pool is not None
+    return pool
+
+
+async def _billed(gateway: Gateway, tenant: str, rows: int) -> list[float]:
+    for _ in range(200):
+        entries = gateway.store.sync.usage_entries(tenant, 0)
+        if len(entries) >= rows:
+            assert not any(e.estimated for e in entries)
+            return [e.gpu_seconds for e in entries]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{tenant}: fewer than {rows} ledger rows")
+
+
+async def test_concurrent_chats_share_lanes_and_their_replies_batch(
+    gateway: Gateway,
+    backend: FakeBackend,
+    channel: grpc.aio.Channel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight tenants at once on lanes of four: two lanes, each chat gets its own
+    deltas in order, each tenant is what the backend saw and is billed once,
+    and the backend sent fewer lane messages than chat messages."""
+    replies: list[int] = []
+    real = lanes_pb2.LaneReply
+
+    def counting(**fields: object) -> lanes_pb2.LaneReply:
+        reply = real(**fields)  # type: ignore[arg-type]
+        replies.append(len(reply.items))
+        return reply
+
+    monkeypatch.setattr(lanes_pb2, "LaneReply", counting)  # as the backend's lanes see it
+    tenants = [f"t{i}" for i in range(8)]
+    keys = [await new_key(gateway, tenant, "max") for tenant in tenants]
+    results = await asyncio.gather(*(collect(channel, "chunks:40", bearer(k)) for k in keys))
+    for messages in results:
+        assert [m.delta for m in messages[:-1]] == [f"t{i} " for i in range(40)]
+        assert messages[-1].final.completion_tokens == 40
+    assert sorted(set(backend.impl.tenants)) == tenants
+    for tenant in tenants:
+        assert await _billed(gateway, tenant, 1) == pytest.approx([0.25])
+        await no_slots_held(gateway, tenant)
+    items = sum(replies)
+    assert items >= 8 * 43  # started, 41 messages and the end, per chat
+    assert len(replies) < items, "replies carry several calls' items"
+    assert _pool(gateway).lanes <= 2
+
+
+async def test_stopping_one_chat_leaves_the_others_on_its_lane(
+    gateway: Gateway, backend: FakeBackend, channel: grpc.aio.Channel
+) -> None:
+    """A caller that cancels stops its own chat (billed what it spent), while
+    the chat beside it on the same lane runs to its end."""
+    quitter, stayer = (
+        await new_key(gateway, "quitter", "max"),
+        await new_key(gateway, "stayer", "max"),
+    )
+    stub = vision_pb2_grpc.VisionServiceStub(channel)
+    stopped = stub.Chat(chat_request("slowstop:0.2"), metadata=bearer(quitter))
+    kept = asyncio.ensure_future(collect(channel, "sleep:1.0", bearer(stayer)))
+    for _ in range(100):
+        if backend.impl.running["quitter"] and backend.impl.running["stayer"]:
+            break
+        await asyncio.sleep(0.02)
+    assert _pool(gateway).lanes == 1
+    stopped.cancel()
+    assert await _billed(gateway, "quitter", 1) == pytest.approx([0.25])
+    messages = await kept
+    assert messages[-1].final.completion_tokens == 3
+    assert await _billed(gateway, "stayer", 1) == pytest.approx([0.25])
+    assert backend.impl.cancelled == 1 and backend.impl.finished == 1
+
+
+async def test_a_slow_caller_holds_back_only_its_own_chat(
+    gateway: Gateway, backend: FakeBackend, channel: grpc.aio.Channel
+) -> None:
+    """A caller that stops reading a big reply: its chat waits on its window,
+    and another chat on the same lane still gets every message."""
+    slow, fast = await new_key(gateway, "slow", "max"), await new_key(gateway, "fast", "max")
+    stub = vision_pb2_grpc.VisionServiceStub(channel)
+    stalled = stub.Chat(chat_request("big:400"), metadata=bearer(slow)).__aiter__()
+    await stalled.__anext__()
+    messages = await collect(channel, "chunks:50", bearer(fast))
+    assert messages[-1].final.completion_tokens == 50
+    await asyncio.sleep(0.5)
+    assert backend.impl.produced - 50 < 100, "the stalled chat is held back by its window"
+    received = 1
+    async for _ in stalled:
+        received += 1
+    assert received == 401
+
+
+async def test_a_replica_that_dies_ends_every_chat_on_its_lane_with_an_estimate(
+    gateway: Gateway, backend: FakeBackend, channel: grpc.aio.Channel
+) -> None:
+    keys = [await new_key(gateway, f"d{i}", "max") for i in range(3)]
+    calls = [asyncio.ensure_future(collect(channel, "slowstop:0", bearer(key))) for key in keys]
+    for _ in range(100):
+        if sum(backend.impl.running.values()) == 3:
+            break
+        await asyncio.sleep(0.02)
+    await backend.kill()
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    for i in range(3):
+        await no_slots_held(gateway, f"d{i}")
+        entries = gateway.store.sync.usage_entries(f"d{i}", 0)
+        assert len(entries) == 1 and entries[0].estimated
+
+
+async def test_a_retiring_replica_takes_no_new_chats_and_finishes_its_own(
+    gateway: Gateway, backend: FakeBackend, channel: grpc.aio.Channel
+) -> None:
+    """Once the replica says it is shutting down, no new chat goes on its lanes
+    (with no other replica, the next one is refused as UNAVAILABLE, slot back),
+    the chat running there ends normally, and then its lane closes."""
+    key = await new_key(gateway, "r", "max")
+    running = asyncio.ensure_future(collect(channel, "sleep:1.0", bearer(key)))
+    await asyncio.sleep(0.3)
+    pool = _pool(gateway)
+    assert pool.lanes == 1
+    assert backend.lanes is not None
+    backend.lanes.retire()
+    await asyncio.sleep(0.2)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await collect(channel, "hi", bearer(key))
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert (await running)[-1].final.completion_tokens == 3
+    await no_slots_held(gateway, "r")
+    for _ in range(50):
+        if pool.lanes == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert pool.lanes == 0, "an idle retired lane is closed"

@@ -12,6 +12,10 @@ GPU-second allowance), the backend waits until its work has really stopped
 GPU-seconds the call spent in the ``x-dreamsight-gpu-seconds`` trailer. The
 gateway bills that trailer and only then gives the tenant's slot back.
 
+Chats usually travel on a lane instead (:mod:`dreamsight_server.lanes`):
+one stream carrying many settled calls, each with this same contract, its
+"stop now" and its report being messages of the lane.
+
 Why on the same stream, not by a gRPC cancel plus a separate "what did call X
 spend" RPC: a cancelled call carries no trailer back, and a separate RPC can
 land on another replica behind the gateway's round-robin balancer. The

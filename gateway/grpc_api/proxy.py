@@ -204,6 +204,9 @@ class ServiceProxy:
                 while (chunk := await call.read()) is not None:
                     yield chunk
             except grpc.aio.AioRpcError as error:
+                # The backend ended the call: bill it and free the slot before the
+                # caller hears, so that a retry never finds its own slot still held.
+                await core.settle(call.settle())
                 await _pass_error(context, error)
             finally:
                 remaining = context.time_remaining()

@@ -9,6 +9,7 @@ heard by another replica's store.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -247,3 +248,25 @@ def test_another_replicas_changes_are_heard(location: Path | str) -> None:
         if listener is not writer:
             listener.close()
         writer.close()
+
+
+def test_a_sqlite_store_opening_under_another_writer_waits_for_it(tmp_path: Path) -> None:
+    """A store that opens a new file while another connection holds its write
+    lock waits for the lock instead of failing (SQLite answers the switch to
+    WAL with BUSY at once, without its busy handler; eight replicas opening a
+    fresh file together hit that in CI)."""
+    path = tmp_path / "jobs.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    released = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    released.start()
+    store = open_store(path)
+    try:
+        (a,) = job_ids(1)
+        add(store, a)
+        found = store.get(a)
+        assert found is not None and found.state is JobState.QUEUED
+    finally:
+        released.join()
+        other.close()
+        store.close()

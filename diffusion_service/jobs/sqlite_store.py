@@ -13,6 +13,7 @@ schema 3 adds leases and per-job event numbering. Each is migrated on open.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,8 @@ from diffusion_service.jobs.sql_store import Execute, Row, SqlJobStore
 from diffusion_service.jobs.store import Change
 
 SCHEMA_VERSION = 3
+# How long a writer waits for another replica's (or store's) write lock.
+BUSY_SECONDS = 10.0
 _FINE_TUNED_MODELS = """
 CREATE TABLE IF NOT EXISTS fine_tuned_models (
     name TEXT NOT NULL,
@@ -96,21 +99,17 @@ class SqliteJobStore(SqlJobStore):
             if not create and not self.path.exists():
                 return None
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn = sqlite3.connect(
+                self.path, timeout=BUSY_SECONDS, check_same_thread=False, isolation_level=None
+            )
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=10000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
+            try:
+                _use_wal(conn)
+                conn.execute("PRAGMA synchronous=NORMAL")
+                _set_up(conn, self.path)
+            except BaseException:
                 conn.close()
-                raise RuntimeError(
-                    f"{self.path} has schema {version}, newer than this service's {SCHEMA_VERSION}"
-                )
-            _migrate_fine_tuned_models(conn)
-            _add_lease_columns(conn)
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                raise
             self._conn = conn
         return self._conn
 
@@ -155,6 +154,43 @@ class SqliteJobStore(SqlJobStore):
                 self._conn = None
 
 
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to a WAL journal. SQLite answers BUSY here without
+    waiting on its busy handler while another connection opens the same new
+    file, so the switch is retried until the busy timeout."""
+    deadline = time.monotonic() + BUSY_SECONDS
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _set_up(conn: sqlite3.Connection, path: Path) -> None:
+    """Check the schema's version, migrate and create, in one write
+    transaction, so stores opening one file at once never race a migration."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{path} has schema {version}, newer than this service's {SCHEMA_VERSION}"
+            )
+        _migrate_fine_tuned_models(conn)
+        _add_lease_columns(conn)
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def _migrate_fine_tuned_models(conn: sqlite3.Connection) -> None:
     """Re-key schema 1's fine_tuned_models (name alone) by (tenant, name),
     keeping every row; a no-op on a new or already migrated file."""
@@ -162,19 +198,13 @@ def _migrate_fine_tuned_models(conn: sqlite3.Connection) -> None:
     keyed_by = [c["name"] for c in sorted(columns, key=lambda c: c["pk"]) if c["pk"]]
     if not columns or keyed_by == ["tenant", "name"]:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute("ALTER TABLE fine_tuned_models RENAME TO fine_tuned_models_v1")
-        conn.execute(_FINE_TUNED_MODELS)
-        conn.execute(
-            "INSERT INTO fine_tuned_models (name, tenant, base_model, job_id, path, create_time)"
-            " SELECT name, tenant, base_model, job_id, path, create_time FROM fine_tuned_models_v1"
-        )
-        conn.execute("DROP TABLE fine_tuned_models_v1")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    conn.execute("ALTER TABLE fine_tuned_models RENAME TO fine_tuned_models_v1")
+    conn.execute(_FINE_TUNED_MODELS)
+    conn.execute(
+        "INSERT INTO fine_tuned_models (name, tenant, base_model, job_id, path, create_time)"
+        " SELECT name, tenant, base_model, job_id, path, create_time FROM fine_tuned_models_v1"
+    )
+    conn.execute("DROP TABLE fine_tuned_models_v1")
 
 
 def _add_lease_columns(conn: sqlite3.Connection) -> None:
@@ -182,15 +212,9 @@ def _add_lease_columns(conn: sqlite3.Connection) -> None:
     present = {c["name"] for c in conn.execute("PRAGMA table_info(jobs)").fetchall()}
     if not present or "event_seq" in present:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for name, kind in _LEASE_COLUMNS.items():
-            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
-        conn.execute(
-            "UPDATE jobs SET event_seq = (SELECT COALESCE(MAX(seq), 0) FROM job_events"
-            " WHERE job_events.job_id = jobs.job_id)"
-        )
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    for name, kind in _LEASE_COLUMNS.items():
+        conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+    conn.execute(
+        "UPDATE jobs SET event_seq = (SELECT COALESCE(MAX(seq), 0) FROM job_events"
+        " WHERE job_events.job_id = jobs.job_id)"
+    )

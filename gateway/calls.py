@@ -107,6 +107,13 @@ class MeteredCall(Generic[M]):
         timeout = None if caller_timeout_s is None else caller_timeout_s + core.settle_timeout_s
         metadata = core.backend_metadata(admission)
         lanes = pool_for(channel, f"{admission.service}.{admission.method}")
+        multicallable = _settled(
+            channel, admission.service, admission.method, serializer, deserializer
+        )
+
+        def settled(timeout: float | None) -> Any:
+            return multicallable(None, metadata=metadata, timeout=timeout)
+
         self._call: Any
         if lanes is not None:  # on a lane shared with other calls (gateway.lanes)
             self._call = lanes.call(
@@ -115,12 +122,10 @@ class MeteredCall(Generic[M]):
                 timeout,
                 serializer,
                 deserializer,
+                settled,
             )
         else:
-            multicallable = _settled(
-                channel, admission.service, admission.method, serializer, deserializer
-            )
-            self._call = multicallable(None, metadata=metadata, timeout=timeout)
+            self._call = settled(timeout)
         self._request = request
         self._opened = time.monotonic()
         self._expires_at = expires_at

@@ -21,6 +21,12 @@ Each call has its own flow-control window (:data:`WINDOW_BYTES`): the replica
 sends at most that many bytes of a call's messages ahead of what its caller
 has read, so a caller that stalls holds back its own call, never the lane
 nor the other calls on it.
+
+A replica that does not serve lanes (an older vision service, during a
+rolling upgrade) answers a lane with UNIMPLEMENTED before any reply: its calls
+then go, unseen by their callers, on their own settled streams (the
+``settled`` factory each call brings), and so do the pool's new calls for
+:data:`NO_LANES_S`, after which lanes are tried again.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -44,9 +51,18 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 WINDOW_BYTES = 1024 * 1024
 """Bytes of a call's messages a replica may send ahead of its caller's reads
 (a slow caller holds back its own call, never the lane)."""
+NO_LANES_S = 60.0
+"""How long a pool whose replica answered a lane with UNIMPLEMENTED sends new
+calls on their own settled streams before trying lanes again."""
 _LATE_S = 5.0
 """Past a call's timeout, how long the gateway waits for the replica's own
 DEADLINE_EXCEEDED end (with what the call spent) before ending it itself."""
+
+
+log = logging.getLogger(__name__)
+
+Settled = Callable[[float | None], Any]
+"""Opens the call on its own settled stream, with this timeout (seconds)."""
 
 
 def _metadata(pairs: Iterable[tuple[str, Any]]) -> grpc.aio.Metadata:
@@ -65,6 +81,7 @@ class LaneCall:
         timeout: float | None,
         serializer: Callable[[Any], bytes] | None,
         deserializer: Callable[[bytes], Any] | None,
+        settled: Settled | None,
     ) -> None:
         self._lane = lane
         self._number = number
@@ -83,12 +100,23 @@ class LaneCall:
         self._timer: asyncio.TimerHandle | None = None
         self._taken = 0
         """Bytes read since the last consumed_bytes report."""
+        self._created = time.monotonic()
+        self._request: Any = None
+        self._stopped = False
+        self._settled = settled
+        self._fallback: Any = None
+        """The call on its own settled stream, once its replica had no lanes."""
+        self._fallback_write: asyncio.Task[None] | None = None
 
     async def write(self, request: Any) -> None:
         """Open the call with its one request."""
+        if self._fallback is not None:
+            await self._fallback.write(request)
+            return
         if self._opened or self._ended:
             return
         self._opened = True
+        self._request = request
         payload = request if self._serializer is None else self._serializer(request)
         open_ = lanes_pb2.LaneOpen(
             method=self._method,
@@ -107,6 +135,8 @@ class LaneCall:
         """The next message, or _EOF at a normal end; raises the call's AioRpcError."""
         inbox = self._inbox
         while not inbox:
+            if self._fallback is not None:
+                return await self._read_fallback()
             self._waiting = asyncio.get_running_loop().create_future()
             try:
                 await self._waiting
@@ -124,10 +154,21 @@ class LaneCall:
             self._taken = 0
         return item if self._deserializer is None else self._deserializer(item)
 
+    async def _read_fallback(self) -> Any:
+        if self._fallback_write is not None:
+            with contextlib.suppress(Exception):  # a failed call shows in its read
+                await self._fallback_write
+            self._fallback_write = None
+        return await self._fallback.read()
+
     async def done_writing(self) -> None:
         """Stop now: the replica stops the work and ends the call with what it spent."""
+        if self._fallback is not None:
+            await self._fallback.done_writing()
+            return
         if self._ended:
             return
+        self._stopped = True
         if not self._opened:  # stopped before it began: nothing spent
             self._finish(_EOF, ((GPU_SECONDS_TRAILER, repr(0.0)),))
             return
@@ -135,16 +176,24 @@ class LaneCall:
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
         """The device share the replica announced when it started the call."""
+        if self._fallback is not None:
+            initial: grpc.aio.Metadata = await self._fallback.initial_metadata()
+            return initial
         if self._share is None:
             return _metadata(())
         return _metadata(((DEVICE_SHARE_HEADER, repr(self._share)),))
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
         """The call's trailers (its GPU-seconds), once it has ended."""
+        if self._fallback is not None:
+            trailing: grpc.aio.Metadata = await self._fallback.trailing_metadata()
+            return trailing
         return self._trailers
 
     def cancel(self) -> bool:
         """Give up on the call: stop it upstream and end it here without a report."""
+        if self._fallback is not None:
+            return bool(self._fallback.cancel())
         if self._ended:
             return False
         if self._opened:
@@ -178,6 +227,30 @@ class LaneCall:
     def _fail(self, code: grpc.StatusCode, details: str) -> None:
         """End without a report (the lane failed, or the gateway gave up)."""
         self._finish((code, details), ())
+
+    def _fall_back(self, code: grpc.StatusCode, details: str) -> None:
+        """The replica has no lanes and never began this call: go on a settled
+        stream of its own (a call already stopped ends, having spent nothing)."""
+        if self._ended:
+            return
+        if self._stopped:
+            self._finish(_EOF, ((GPU_SECONDS_TRAILER, repr(0.0)),))
+            return
+        if self._settled is None:
+            self._fail(code, details)
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        timeout = self._timeout
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.monotonic() - self._created))
+        self._fallback = self._settled(timeout)
+        if self._opened:
+            self._fallback_write = asyncio.get_running_loop().create_task(
+                self._fallback.write(self._request)
+            )
+        self._lane.forget(self._number)
+        self._wake()
 
     def deliver(self, item: lanes_pb2.LaneItem) -> None:
         """One event of this call from its lane."""
@@ -233,10 +306,13 @@ class _Lane:
         timeout: float | None,
         serializer: Callable[[Any], bytes] | None,
         deserializer: Callable[[bytes], Any] | None,
+        settled: Settled | None,
     ) -> LaneCall:
         """A new call on this lane (sent by its first write)."""
         self._numbers += 1
-        call = LaneCall(self, self._numbers, method, metadata, timeout, serializer, deserializer)
+        call = LaneCall(
+            self, self._numbers, method, metadata, timeout, serializer, deserializer, settled
+        )
         self.calls[self._numbers] = call
         return call
 
@@ -273,11 +349,13 @@ class _Lane:
     async def _read_all(self) -> None:
         calls = self.calls
         code, details = grpc.StatusCode.UNAVAILABLE, "the lane to the backend ended"
+        replied = False
         try:
             while True:
                 reply = await self._stream.read()
                 if reply is _EOF:
                     break
+                replied = True
                 for item in reply.items:
                     call = calls.get(item.call)
                     if call is not None:
@@ -294,8 +372,14 @@ class _Lane:
             self._closing = True
             self._pool.drop(self)
             self._wake.set()
+            unserved = code is grpc.StatusCode.UNIMPLEMENTED and not replied
+            if unserved:
+                self._pool.no_lanes(details)
             for call in list(calls.values()):
-                call._fail(code, details)
+                if unserved:
+                    call._fall_back(code, details)
+                else:
+                    call._fail(code, details)
 
     def close(self) -> None:
         """Stop the lane now (the gateway is stopping)."""
@@ -323,6 +407,7 @@ class LanePool:
         self.methods = frozenset(methods)
         self.max_age_s = max_age_s
         self._lanes: list[_Lane] = []
+        self._no_lanes_until = 0.0
 
     @property
     def lanes(self) -> int:
@@ -336,9 +421,13 @@ class LanePool:
         timeout: float | None,
         serializer: Callable[[Any], bytes] | None = None,
         deserializer: Callable[[bytes], Any] | None = None,
-    ) -> LaneCall:
-        """A new call on the open lane with the fewest calls, or on a new lane."""
+        settled: Settled | None = None,
+    ) -> Any:
+        """A new call on the open lane with the fewest calls, or on a new lane;
+        on its own settled stream while the replica serves no lanes."""
         now = time.monotonic()
+        if settled is not None and now < self._no_lanes_until:
+            return settled(timeout)
         best: _Lane | None = None
         for lane in list(self._lanes):
             room = lane.accepts(now) and len(lane.calls) < self.calls_per_lane
@@ -347,7 +436,18 @@ class LanePool:
         if best is None:
             best = _Lane(self, self._carry())
             self._lanes.append(best)
-        return best.open_call(method, metadata, timeout, serializer, deserializer)
+        return best.open_call(method, metadata, timeout, serializer, deserializer, settled)
+
+    def no_lanes(self, details: str) -> None:
+        """The replica answered a lane with UNIMPLEMENTED: settled streams for a while."""
+        if time.monotonic() >= self._no_lanes_until:
+            log.warning(
+                "a backend serves no lanes (%s; an older vision service?): calls go on "
+                "their own streams for %.0f s",
+                details,
+                NO_LANES_S,
+            )
+        self._no_lanes_until = time.monotonic() + NO_LANES_S
 
     def drop(self, lane: _Lane) -> None:
         """A lane takes no more calls."""

@@ -106,30 +106,37 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
         return vision_pb2.GetModelResponse(model=vision_pb2.VisionModel(name="fake"))
 
 
-def serve_fake_vision(server: grpc.aio.Server, impl: FakeVision) -> LaneServer:
+def serve_fake_vision(
+    server: grpc.aio.Server, impl: FakeVision, lanes: bool = True
+) -> LaneServer | None:
     """Add the fake's VisionService, the settled twin of its Chat and its lanes
-    (the real wrappers, which are what the gateway calls), to a server."""
+    (the real wrappers, which are what the gateway calls), to a server; without
+    lanes, it is a replica from before them."""
     vision_pb2_grpc.add_VisionServiceServicer_to_server(impl, server)
     chat = (impl.Chat, vision_pb2.ChatRequest, vision_pb2.ChatResponse)
     settled = settled_handlers("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0)
-    lanes = LaneServer("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0)
-    server.add_generic_rpc_handlers((settled, lanes.handler()))
-    return lanes
+    if not lanes:
+        server.add_generic_rpc_handlers((settled,))
+        return None
+    lane_server = LaneServer("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0)
+    server.add_generic_rpc_handlers((settled, lane_server.handler()))
+    return lane_server
 
 
 class FakeBackend:
     """A real grpc.aio server on loopback serving :class:`FakeVision`."""
 
-    def __init__(self, impl: FakeVision, port: int = 0) -> None:
+    def __init__(self, impl: FakeVision, port: int = 0, lanes: bool = True) -> None:
         self.impl = impl
         self.port = port
+        self.serves_lanes = lanes
         self.server: grpc.aio.Server | None = None
         self.health: Any = None
         self.lanes: LaneServer | None = None
 
     async def start(self) -> int:
         server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-        self.lanes = serve_fake_vision(server, self.impl)
+        self.lanes = serve_fake_vision(server, self.impl, self.serves_lanes)
         servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)

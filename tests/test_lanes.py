@@ -190,3 +190,44 @@ async def test_a_retiring_replica_takes_no_new_chats_and_finishes_its_own(
             break
         await asyncio.sleep(0.02)
     assert pool.lanes == 0, "an idle retired lane is closed"
+
+
+async def test_a_replica_without_lanes_serves_chats_on_their_own_streams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica from before lanes (a rolling upgrade) answers a lane with
+    UNIMPLEMENTED: the chats that were on it go on their own settled streams
+    unseen by their callers, each billed what the replica reported, and the
+    chats after them go there directly, without another lane."""
+    opened: list[object] = []
+    real = gateway_lanes._Lane
+
+    class CountedLane(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object) -> None:
+            opened.append(self)
+            super().__init__(*args)
+
+    monkeypatch.setattr(gateway_lanes, "_Lane", CountedLane)
+    old = FakeBackend(FakeVision(gpu_seconds=0.25), lanes=False)
+    await old.start()
+    gw = await gateway_for(tmp_path, old.port, queue_length=40, queue_wait_s=20, lane_calls=4)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+            keys = [await new_key(gw, f"u{i}", "max") for i in range(3)]
+            results = await asyncio.gather(
+                *(collect(channel, "chunks:5", bearer(k), timeout=30) for k in keys)
+            )
+            assert len(opened) == 1, "the three chats were on one lane"
+            later = await collect(channel, "chunks:5", bearer(keys[0]))
+        for messages in [*results, later]:
+            assert [m.delta for m in messages[:-1]] == [f"t{i} " for i in range(5)]
+            assert messages[-1].final.completion_tokens == 5
+        assert len(opened) == 1, "the chat after went on its own stream"
+        assert _pool(gw).lanes == 0
+        for i in range(3):
+            rows = 2 if i == 0 else 1
+            assert await _billed(gw, f"u{i}", rows) == pytest.approx([0.25] * rows)
+            await no_slots_held(gw, f"u{i}")
+    finally:
+        await gw.stop(0)
+        await old.kill()

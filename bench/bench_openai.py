@@ -31,9 +31,6 @@ steps ran (tokens per step, from each server's histogram of it); the last line i
 gateway and vision service) with gRPC's core as it ships (``GRPC_EXPERIMENTS``
 empty, the EventEngine on; see ``dreamsight_server.grpc_core``), alternating
 with the two others, and prints its ratios on the line before the last.
-``--compare-nice`` adds ``ours-n0`` the same way: our path with its front ends
-at the engines' CPU priority (the gateway's ``--nice`` and the vision
-service's ``--front-end-nice`` 0; see ``dreamsight_server.priority``).
 """
 
 from __future__ import annotations
@@ -192,12 +189,6 @@ def main() -> None:
         "EventEngine on), a third side alternating with the two others",
     )
     parser.add_argument(
-        "--compare-nice",
-        action="store_true",
-        help="also run our path with its front ends at the engines' CPU priority (the "
-        "gateway's --nice and the vision service's --front-end-nice 0), a side of its own",
-    )
-    parser.add_argument(
         "--vllm-disable-log-stats",
         action="store_true",
         help="run vLLM's server with its engine statistics off (ours keeps them on: its "
@@ -213,14 +204,9 @@ def main() -> None:
     vllm_port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     # Our path as the services run gRPC's core, and (--compare-grpc-core) as it ships.
-    variants: dict[str, dict[str, str]] = {"ours": {}}
-    if args.compare_grpc_core:
-        variants["ours-ee"] = {grpc_core.VARIABLE: ""}
-    if args.compare_nice:
-        variants["ours-n0"] = {
-            "DREAMSIGHT_GATEWAY_NICE": "0",
-            "DREAMSIGHT_VISION_FRONT_END_NICE": "0",
-        }
+    variants: dict[str, dict[str, str]] = {"ours": {}} | (
+        {"ours-ee": {grpc_core.VARIABLE: ""}} if args.compare_grpc_core else {}
+    )
     ours = {
         name: OurPath(GatewayProcess(workdir / name, free_port(), env=extra), free_port())
         for name, extra in variants.items()
@@ -356,8 +342,6 @@ def main() -> None:
         print(f"(logs and results in {workdir})")
         if "ours-ee" in ours:
             print(f"ours with gRPC's core as it ships: {_ratios(summary, 'ours-ee', levels)}")
-        if "ours-n0" in ours:
-            print(f"ours at the engines' CPU priority: {_ratios(summary, 'ours-n0', levels)}")
         print(f"bench openai: {_ratios(summary, 'ours', levels)}")
     finally:
         for path in ours.values():

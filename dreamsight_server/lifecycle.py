@@ -26,7 +26,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from dreamsight_server import priority
 from dreamsight_server.errors import ErrorTable
 from dreamsight_server.interceptors import ErrorMappingInterceptor
 from dreamsight_server.settings import SettingsError, group, parse_or_exit, setting
@@ -188,12 +187,8 @@ class Service(Protocol):
         ...
 
 
-async def serve(name: str, start: Callable[[], Awaitable[Service]], nice: int = 0) -> None:
+async def serve(name: str, start: Callable[[], Awaitable[Service]]) -> None:
     """Start a service, load it, serve until SIGTERM or SIGINT, then drain and stop.
-
-    Once loaded, its threads' CPU priority is lowered by ``nice``
-    (:func:`dreamsight_server.priority.lower_priority`): after the load, so
-    the engine processes the load started keep theirs.
 
     A load that fails exits the process with status 1 and the cause logged:
     a service that cannot load its model can never serve, and its supervisor
@@ -212,8 +207,6 @@ async def serve(name: str, start: Callable[[], Awaitable[Service]], nice: int = 
         stopper.cancel()
         await service.stop(0)
         raise SystemExit(1)
-    if loader.done() and not loader.cancelled():
-        priority.lower_priority(nice)
     await stopper
     log.info("%s shutting down", name)
     loader.cancel()
@@ -226,7 +219,6 @@ def main(
     start: Callable[[S], Awaitable[Service]],
     prepare: Callable[[S], object] | None = None,
     use_uvloop: Callable[[S], bool] = lambda _: False,
-    nice: Callable[[S], int] = lambda _: 0,
 ) -> None:
     """A service's ``python -m`` entry point: log, parse settings (a bad one
     exits 2 naming it), prepare the process (e.g. the torchvision hook), serve."""
@@ -234,7 +226,7 @@ def main(
     settings = parse_or_exit(parse_settings)
     if prepare is not None:
         prepare(settings)
-    served = serve(name, lambda: start(settings), nice(settings))
+    served = serve(name, lambda: start(settings))
     if use_uvloop(settings):
         import uvloop  # ~20% less CPU per proxied chunk than asyncio's loop
 

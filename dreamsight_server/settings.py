@@ -334,18 +334,6 @@ def trust_any_caller_setting() -> Any:
     )
 
 
-def nice_setting(whose: str) -> Any:
-    """How far a front end's CPU priority sits below its engines', declared once
-    for the gateway and the vision service (see dreamsight_server.priority)."""
-    return setting(
-        10,
-        f"raise the Linux nice value of {whose} by this much (up to 19) once loaded, so that on a "
-        "machine it shares with the model engines their step loop gets the CPU first; "
-        "0: the same priority as the engines",
-        minimum=0,
-    )
-
-
 def only_the_gateway(settings: T) -> T:
     """A backend started from its command line accepts only the gateway unless
     told otherwise: a shared secret, client certificates (mTLS), or

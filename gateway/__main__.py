@@ -18,7 +18,6 @@ def main(argv: list[str] | None = None) -> None:
         lambda: parse_settings(argv),
         start_gateway,
         use_uvloop=lambda settings: settings.event_loop == "uvloop",
-        nice=lambda settings: settings.nice,
     )
 
 

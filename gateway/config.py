@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from dreamsight_server.lifecycle import ServerOptions
-from dreamsight_server.settings import group, nice_setting, parse, setting
+from dreamsight_server.settings import group, parse, setting
 
 MAX_REQUEST_BYTES = 100 * 1024 * 1024
 
@@ -78,7 +78,6 @@ class GatewaySettings:
         "a new stream opens when each is full; 0 gives each chat its own stream",
         minimum=0,
     )
-    nice: int = nice_setting("the gateway's threads")
     key_cache_ttl_s: float = 5.0
     """How long a verified key is trusted before the store is asked again."""
     budget_cache_ttl_s: float = 1.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -62,24 +61,6 @@ class ServiceProcess:
                 assert self.proc.poll() is None, f"{self.name} exited:\n{self.log()}"
                 time.sleep(0.2)
         raise AssertionError(f"{self.name} did not become SERVING:\n{self.log()}")
-
-    def wait_lowered(self, by: int, timeout: float = 10) -> int:
-        """Until every thread of the process runs ``by`` above the nice value it
-        started with (this process's, inherited; see dreamsight_server.priority);
-        returns that starting value."""
-        from dreamsight_server.priority import LOWEST
-
-        started_at = os.getpriority(os.PRIO_PROCESS, 0)
-        lowered = min(LOWEST, started_at + by)
-        values: set[int] = set()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            tasks = os.listdir(f"/proc/{self.proc.pid}/task")
-            values = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in tasks}
-            if values == {lowered}:
-                return started_at
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name}'s threads have nice values {values}, not {lowered}")
 
     def wait(self, timeout: float = 60) -> int:
         """The exit status, once the process has ended (and its output is read)."""

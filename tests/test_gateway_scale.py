@@ -179,12 +179,9 @@ def _start_gateway_process(
         DREAMSIGHT_GATEWAY_LEASE_TTL_SECONDS="1.5",
         DREAMSIGHT_GATEWAY_PORT="0",
         DREAMSIGHT_GATEWAY_METRICS_PORT="0",
-        DREAMSIGHT_GATEWAY_NICE="3",
     )
     service = ServiceProcess("gateway", [], env)
-    port = service.wait_for_port()
-    service.wait_lowered(3)  # once loaded, below the engines it may share a machine with
-    return service.proc, port
+    return service.proc, service.wait_for_port()
 
 
 async def test_a_killed_gateways_slots_come_back_after_the_lease(

@@ -7,7 +7,6 @@ import signal
 from pathlib import Path
 
 import grpc
-import psutil  # type: ignore[import-untyped]
 import pytest
 from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,12 +38,6 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
             health_pb2.HealthCheckResponse.NOT_SERVING,
             health_pb2.HealthCheckResponse.SERVING,
         }
-        # Once loaded, its threads run at --front-end-nice (default 10) above the
-        # nice value it started with, and vLLM's engine processes keep that one.
-        started_at = service.wait_lowered(10)
-        engines = psutil.Process(service.proc.pid).children(recursive=True)
-        assert engines, "vLLM's engine core runs in its own process"
-        assert {os.getpriority(os.PRIO_PROCESS, p.pid) for p in engines} == {started_at}
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
 

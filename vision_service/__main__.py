@@ -19,7 +19,6 @@ def main(argv: list[str] | None = None) -> None:
         lambda: only_the_gateway(parse_settings(argv)),
         start_service,
         prepare=lambda _: torch_compat.install(),
-        nice=lambda settings: settings.front_end_nice,
     )
 
 

@@ -18,7 +18,6 @@ from dreamsight_server.settings import (
     SettingsError,
     gateway_secret_setting,
     group,
-    nice_setting,
     parse,
     setting,
     trust_any_caller_setting,
@@ -73,9 +72,6 @@ class VisionSettings:
     max_stop_strings: int = 16
     gateway_secret: str = gateway_secret_setting()
     trust_any_caller: bool = trust_any_caller_setting()
-    front_end_nice: int = nice_setting(
-        "this process's threads (vLLM's engine core and workers keep theirs)"
-    )
     images: ImageLimits = group(ImageLimits)
     server: ServerOptions = group(lambda: ServerOptions(port=50052, metrics_port=9102))
 

@@ -35,6 +35,7 @@ from dreamsight.internal.v1 import lanes_pb2
 
 from dreamsight_server.errors import ErrorTable, InvalidArgument, Unavailable
 from dreamsight_server.interceptors import error_status
+from dreamsight_server.metadata import LANES_HEADER
 from dreamsight_server.metering import Behavior, run_settled
 
 LANES_SERVICE = "dreamsight.internal.v1.Lanes"
@@ -358,6 +359,7 @@ class LaneServer:
         """The generic handler to add to the backend's server."""
 
         async def carry(_: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.send_initial_metadata(((LANES_HEADER, "1"),))
             lane = _Lane(self, context)
             self._lanes.add(lane)
             try:

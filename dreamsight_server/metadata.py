@@ -14,6 +14,12 @@ GPU_SECONDS_TRAILER = "x-dreamsight-gpu-seconds"
 DEVICE_SHARE_HEADER = "x-dreamsight-device-share"
 """Initial metadata of a settled call: the share of a device the call may hold
 (the gateway's estimate, devices x elapsed, when the backend dies mid-call)."""
+LANES_HEADER = "x-dreamsight-lanes"
+"""Initial metadata a backend sends as soon as it takes a lane (see
+:mod:`dreamsight_server.lanes`): the gateway writes nothing on a lane before
+it, since a replica without lanes ends the stream at once, and gRPC may then
+report a write racing that end as "Internal error from Core" instead of
+the replica's UNIMPLEMENTED."""
 GPU_ALLOWANCE_HEADER = "x-dreamsight-gpu-allowance"
 """GPU-seconds a call may spend (from the tenant's remaining budget), set by the gateway."""
 

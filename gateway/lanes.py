@@ -44,7 +44,7 @@ import grpc
 from dreamsight.internal.v1 import lanes_pb2
 
 from dreamsight_server.lanes import LANE_PATH
-from dreamsight_server.metadata import DEVICE_SHARE_HEADER, GPU_SECONDS_TRAILER
+from dreamsight_server.metadata import DEVICE_SHARE_HEADER, GPU_SECONDS_TRAILER, LANES_HEADER
 
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -337,6 +337,12 @@ class _Lane:
     async def _write_all(self) -> None:
         stream, outbox, wake = self._stream, self._outbox, self._wake
         with contextlib.suppress(Exception):
+            # Nothing is written before the replica says it serves lanes: one
+            # without them ends the stream at once, and a write racing that end
+            # can turn its UNIMPLEMENTED into gRPC's own INTERNAL, hiding it.
+            served = await stream.initial_metadata()
+            if not any(key == LANES_HEADER for key, _ in served or ()):
+                return  # the reader hears how the lane ended
             while True:
                 await wake.wait()
                 wake.clear()

@@ -18,6 +18,24 @@ explicitly, so no adapter is ever active in another tenant's image; with
 adapters disabled, peft's layers call the base layer alone, so base images
 stay byte-identical to those of a pipeline that never saw an adapter.
 
+When the cache is full, the adapter that comes in takes the place of the
+least recently used one by hot-swapping its weights into that adapter's
+layers (diffusers' ``load_lora_weights(..., hotswap=True)``, peft's
+``hotswap_adapter_from_state_dict``): a copy of tensors, without injecting
+new layers into the UNet, about a fifth of a fresh load's time on the demo
+model (docs/benchmarks.md), so that many tenants rotating over one base cost
+little more than a few. A swap is made only where it is exact: the incoming
+file's tensors have the shapes of the slot's on some of its modules (the
+same rank; as every job with the service's LoRA defaults has), the slot's
+other modules are zeroed and the scaling is set per module, so nothing of
+the outgoing adapter stays and the image is the one a fresh load gives, byte
+for byte. Otherwise the outgoing adapter is deleted and the incoming one
+loaded afresh: other modules or another rank, adapters on the text encoder
+(diffusers does not hot-swap those), or a pair peft refuses (another kind
+of LoRA). Slots have names of their
+own (a fixed-width counter): peft finds an adapter's tensors by its name as a
+substring of theirs, which two names of one width never are of each other.
+
 Batching several adapters in one UNet pass is what peft's mixed-adapter
 inference would allow, but diffusers' Stable Diffusion pipeline takes no
 per-image adapter names; serialising per base costs nothing at the default
@@ -28,13 +46,17 @@ measurement).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from diffusion_service.tunes import LORA_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +79,62 @@ class AdapterRef:
         return "a" + hashlib.sha256(self.source.encode()).hexdigest()[:20]
 
 
+def swappable_shapes(source: str) -> dict[str, tuple[int, ...]] | None:
+    """An adapter file's tensor shapes by name (read from its header only), or
+    None where it may not be hot-swapped: its weights reach the text encoder,
+    or the file cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(source) / LORA_WEIGHTS), "pt") as weights:
+            shapes = {
+                name: tuple(weights.get_slice(name).get_shape())
+                for name in weights.keys()  # noqa: SIM118 (safe_open has no __iter__)
+            }
+    except Exception:
+        return None
+    if any(name.startswith("text_encoder") for name in shapes):
+        return None
+    return shapes
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A loaded adapter: its name in the pipeline, and its file's tensor shapes
+    (None: never hot-swapped into or out of; see :func:`swappable_shapes`)."""
+
+    ref: AdapterRef
+    name: str
+    shapes: dict[str, tuple[int, ...]] | None
+
+
+def _fits(incoming: dict[str, tuple[int, ...]] | None, slot: _Slot) -> bool:
+    """Whether a hot swap of ``incoming`` into ``slot`` is exact: the same
+    tensors' shapes on some of its modules (the rest are zeroed), so that the
+    swap only copies and every image is the one a fresh load would give."""
+    if incoming is None or slot.shapes is None:
+        return False
+    return all(slot.shapes.get(name) == shape for name, shape in incoming.items())
+
+
+def _keep_swapped_scaling(unet: Any, name: str) -> None:
+    """Make the scaling a hot swap set (the incoming adapter's alpha over its
+    rank, per module) the one that ``set_adapters`` computes from then on.
+
+    peft's hot swap sets each layer's ``scaling`` but leaves its ``lora_alpha``
+    and ``r`` those of the outgoing adapter, and diffusers' ``set_adapters``
+    recomputes ``scaling`` as ``weight * lora_alpha / r``: the incoming weights
+    would run at the outgoing adapter's scale. With ``r`` 1 and ``lora_alpha``
+    the swapped scaling, that computation gives back exactly what the swap set
+    (``r`` is not used in the forward pass; the tensors keep their shapes)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in unet.modules():
+        if isinstance(module, LoraLayer) and name in module.scaling:
+            module.r[name] = 1
+            module.lora_alpha[name] = float(module.scaling[name])
+
+
 class AdapterSlots:
     """The adapters loaded into one base pipeline, and which one runs."""
 
@@ -72,13 +150,17 @@ class AdapterSlots:
         self._max_bytes = max_bytes
         self._on_load = on_load
         self._cond = threading.Condition()
-        self._loaded: OrderedDict[str, AdapterRef] = OrderedDict()
+        self._loaded: OrderedDict[str, _Slot] = OrderedDict()
+        """By AdapterRef.key, least recently used first."""
+        self._names = (f"slot{n:08d}" for n in itertools.count())
         self._active: str | None = ""
         """The active adapter's key; "" the base alone; None not known (set it)."""
         self._running = 0
         self._queue: list[tuple[object, str | None]] = []
         """Waiting (ticket, key) in arrival order; key None is an unload."""
         self.switches = 0
+        self.hotswaps = 0
+        """Adapters loaded by hot-swapping into an outgoing one's slot."""
 
     @contextmanager
     def use(
@@ -136,7 +218,7 @@ class AdapterSlots:
     def loaded(self) -> list[str]:
         """Loaded adapters' directories, least recently used first."""
         with self._cond:
-            return [ref.source for ref in self._loaded.values()]
+            return [slot.ref.source for slot in self._loaded.values()]
 
     def _may_enter(self, ticket: object, key: str | None) -> bool:
         ahead = []
@@ -161,26 +243,56 @@ class AdapterSlots:
             return
         key = adapter.key
         if key not in self._loaded:
-            self._make_room(adapter.size_bytes)
-            pipe.load_lora_weights(adapter.source, adapter_name=key)
-            self._loaded[key] = adapter
+            self._loaded[key] = self._load(adapter)
             self._on_load()
             log.info("loaded adapter %s (%d loaded)", key, len(self._loaded))
         self._loaded.move_to_end(key)
         pipe.enable_lora()
-        pipe.set_adapters([key])
+        pipe.set_adapters([self._loaded[key].name])
         self.switches += 1
         self._active = key
 
-    def _make_room(self, incoming: int) -> None:
-        while self._loaded and (
-            len(self._loaded) + 1 > self._max_count
-            or sum(r.size_bytes for r in self._loaded.values()) + incoming > self._max_bytes
-        ):
-            self._delete(next(iter(self._loaded)))
+    def _load(self, adapter: AdapterRef) -> _Slot:
+        """Load an adapter, making room first: into the slot of the least
+        recently used adapter that must go, where a hot swap is exact, else
+        afresh under a new name."""
+        pipe = self._pipeline
+        shapes = swappable_shapes(adapter.source)
+        leaving = self._leaving(adapter.size_bytes)
+        reuse = next((k for k in leaving if _fits(shapes, self._loaded[k])), None)
+        for key in leaving:
+            if key != reuse:
+                self._delete(key)
+        if reuse is not None:
+            name = self._loaded.pop(reuse).name
+            try:
+                pipe.load_lora_weights(adapter.source, adapter_name=name, hotswap=True)
+            except (RuntimeError, ValueError, NotImplementedError) as refused:
+                log.info("adapter %s not hot-swapped (%s); loading it afresh", adapter.key, refused)
+                pipe.delete_adapters(name)
+            else:
+                _keep_swapped_scaling(pipe.unet, name)
+                self.hotswaps += 1
+                return _Slot(adapter, name, shapes)
+        name = next(self._names)
+        pipe.load_lora_weights(adapter.source, adapter_name=name)
+        return _Slot(adapter, name, shapes)
+
+    def _leaving(self, incoming: int) -> list[str]:
+        """The adapters to unload, least recently used first, so that one of
+        ``incoming`` bytes fits."""
+        count = len(self._loaded)
+        size = sum(slot.ref.size_bytes for slot in self._loaded.values())
+        leaving = []
+        for key, slot in self._loaded.items():
+            if count + 1 <= self._max_count and size + incoming <= self._max_bytes:
+                break
+            leaving.append(key)
+            count -= 1
+            size -= slot.ref.size_bytes
+        return leaving
 
     def _delete(self, key: str) -> None:
-        self._pipeline.delete_adapters(key)
-        del self._loaded[key]
+        self._pipeline.delete_adapters(self._loaded.pop(key).name)
         self._active = None
         log.info("unloaded adapter %s (%d loaded)", key, len(self._loaded))

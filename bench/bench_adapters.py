@@ -16,7 +16,11 @@ On the demo model (default) or any Stable Diffusion directory, in one run:
     each on a copy never used before; medians;
 (c) rotation: ``--images`` images while requests rotate over 8 tenants'
     adapters (each already loaded once) against as many on the base alone,
-    one request at a time, alternating in blocks; time per image.
+    one request at a time, alternating in blocks; time per image;
+(d) misses: the base pipeline's adapter cache (diffusion_service.adapters)
+    holding 4 while 12 tenants' adapters rotate, so that every use loads
+    one: a hot swap into the least recently used adapter's layers against
+    deleting it and loading afresh, alternating in blocks; time per miss.
 
 Last line: ``bench adapters: adapter_mb=X full_mb=Y cold_first_image_ratio=C
 rotate_8_ratio=R`` (C = adapter cold time / full cold time; R = rotating
@@ -115,6 +119,42 @@ def train(model_dir: Path, work: Path, kind: str, steps: int) -> Path:
     return job_dir / "export"
 
 
+def misses(model_dir: Path, lora: Path, work: Path, rounds: int = 4) -> tuple[float, float]:
+    """Milliseconds per adapter cache miss, median: hot swap, then fresh load."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_service.adapters import AdapterRef, AdapterSlots
+    from diffusion_service.tunes import LORA_WEIGHTS
+
+    tensors = load_file(str(lora / LORA_WEIGHTS))
+    with safe_open(str(lora / LORA_WEIGHTS), "pt") as f:  # the LoRA config is in its metadata
+        metadata = f.metadata()
+    refs = []
+    for i in range(12):  # 12 tenants' adapters: the same shapes, other weights
+        out = work / f"tenant-{i}"
+        out.mkdir(parents=True)
+        scaled = {k: v * (1 + i / 10) if "lora_B" in k else v for k, v in tensors.items()}
+        save_file(scaled, str(out / LORA_WEIGHTS), metadata=metadata)
+        refs.append(AdapterRef(str(out), (out / LORA_WEIGHTS).stat().st_size))
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for hotswap in (True, False):
+            pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None)
+            slots = AdapterSlots(pipe, max_count=4, max_bytes=2**30, hotswap=hotswap)
+            for ref in refs[:4]:  # fill the cache
+                with slots.use(ref):
+                    pass
+            for ref in refs[4:] + refs[:4]:  # then every use is a miss
+                started = time.perf_counter()
+                with slots.use(ref):
+                    pass
+                times[hotswap].append(time.perf_counter() - started)
+            assert (slots.hotswaps > 0) == hotswap
+    return 1000 * statistics.median(times[True]), 1000 * statistics.median(times[False])
+
+
 def megabytes(directory: Path) -> float:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 1e6
 
@@ -209,6 +249,10 @@ async def measure(args: argparse.Namespace, model_dir: Path, work: Path) -> None
         print(f"(c) {args.images} images: rotating over {TENANTS} adapters "
               f"{per_rotating:.4f} s/image, base alone {per_alone:.4f} s/image; "
               f"{switches} adapter switches")  # fmt: skip
+        swap_ms, fresh_ms = await asyncio.to_thread(misses, model_dir, lora, work / "misses")
+        print(f"(d) misses, 12 adapters through a cache of 4: hot swap {swap_ms:.1f} ms, "
+              f"delete and load afresh {fresh_ms:.1f} ms per miss "
+              f"({swap_ms / fresh_ms:.2f})")  # fmt: skip
         print(
             f"bench adapters: adapter_mb={adapter_mb:.4f} full_mb={full_mb:.4f} "
             f"cold_first_image_ratio={cold_adapter / cold_full:.3f} "

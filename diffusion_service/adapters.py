@@ -144,8 +144,12 @@ class AdapterSlots:
         max_count: int,
         max_bytes: int,
         on_load: Callable[[], None] = lambda: None,
+        hotswap: bool = True,
     ) -> None:
+        """``hotswap`` False always deletes and loads afresh (a benchmark's
+        other side)."""
         self._pipeline = pipeline
+        self._hotswap = hotswap
         self._max_count = max_count
         self._max_bytes = max_bytes
         self._on_load = on_load
@@ -259,7 +263,8 @@ class AdapterSlots:
         pipe = self._pipeline
         shapes = swappable_shapes(adapter.source)
         leaving = self._leaving(adapter.size_bytes)
-        reuse = next((k for k in leaving if _fits(shapes, self._loaded[k])), None)
+        fits = [k for k in leaving if self._hotswap and _fits(shapes, self._loaded[k])]
+        reuse = fits[0] if fits else None
         for key in leaving:
             if key != reuse:
                 self._delete(key)

@@ -143,11 +143,11 @@ class AdapterSlots:
         pipeline: Any,
         max_count: int,
         max_bytes: int,
-        on_load: Callable[[], None] = lambda: None,
+        on_load: Callable[[str], None] = lambda how: None,
         hotswap: bool = True,
     ) -> None:
-        """``hotswap`` False always deletes and loads afresh (a benchmark's
-        other side)."""
+        """``on_load`` hears each load, ``hot_swap`` or ``fresh``; ``hotswap``
+        False always deletes and loads afresh (a benchmark's other side)."""
         self._pipeline = pipeline
         self._hotswap = hotswap
         self._max_count = max_count
@@ -247,8 +247,9 @@ class AdapterSlots:
             return
         key = adapter.key
         if key not in self._loaded:
+            swaps = self.hotswaps
             self._loaded[key] = self._load(adapter)
-            self._on_load()
+            self._on_load("hot_swap" if self.hotswaps > swaps else "fresh")
             log.info("loaded adapter %s (%d loaded)", key, len(self._loaded))
         self._loaded.move_to_end(key)
         pipe.enable_lora()

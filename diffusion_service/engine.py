@@ -385,7 +385,7 @@ class DiffusersEngine:
         s = self._settings
         adapters = AdapterSlots(
             pipeline, s.max_loaded_adapters, s.max_adapter_cache_mb * 2**20,
-            self._metrics.adapter_loads.inc,
+            lambda how: self._metrics.adapter_loads.labels(how).inc(),
         )  # fmt: skip
         return LoadedModel(name=name, pipeline=pipeline, adapters=adapters)
 

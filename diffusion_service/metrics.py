@@ -69,7 +69,9 @@ class DiffusionMetrics:
         )
         self.adapter_loads = Counter(
             "dreamsight_diffusion_adapter_loads_total",
-            "LoRA adapters loaded onto a base pipeline (a reload after unloading counts again)",
+            "LoRA adapters loaded onto a base pipeline (a reload after unloading counts again), "
+            "by how: hot_swap (into an outgoing adapter's layers) or fresh (new layers)",
+            ["how"],
             registry=registry,
         )
         self.training_jobs = Counter(

@@ -100,7 +100,8 @@ def test_hot_swapped_adapters_draw_what_they_draw_alone(tmp_path: Path) -> None:
     base_image = draw(base)
     assert all(not np.array_equal(image, base_image) for image in expected.values())
 
-    slots = AdapterSlots(base, max_count=1, max_bytes=2**30)
+    loads: list[str] = []
+    slots = AdapterSlots(base, max_count=1, max_bytes=2**30, on_load=loads.append)
     # (adapter, hot swaps so far): c swapped into a's slot; b loaded afresh (conv1);
     # a swapped into b's slot (b's conv1 adapters zeroed); d (rank 2), t (text
     # encoder) and then c (into t's slot) loaded afresh.
@@ -113,6 +114,7 @@ def test_hot_swapped_adapters_draw_what_they_draw_alone(tmp_path: Path) -> None:
         assert slots.loaded() == [adapters[name].source]
         with slots.use(None):
             assert np.array_equal(draw(base), base_image), f"the base after {name}"
+    assert loads == ["fresh", "hot_swap", "fresh", "hot_swap", "fresh", "fresh", "fresh"]
 
 
 def test_a_full_cache_swaps_into_the_least_recently_used_slot(tmp_path: Path) -> None:

@@ -19,6 +19,11 @@ metadata (tenant, request id, allowance, gateway token) travels in its
 servicer's own checks apply to each call as they would to a gRPC call. If the
 lane itself ends (the gateway gone), every call on it is stopped.
 
+A lane is taken only from a caller with the gateway's token (the lane's own
+metadata; each call's metadata is then checked by the servicer as usual),
+and a call whose own code fails before it could end is still ended, with
+INTERNAL, so that no gateway call waits for an end that never comes.
+
 On shutdown, :meth:`LaneServer.retire` tells each lane's gateway to open no
 more calls on it; the calls on it finish within the server's grace period.
 """
@@ -26,6 +31,8 @@ more calls on it; the calls on it finish within the server's grace period.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,15 +40,23 @@ from typing import Any
 import grpc
 from dreamsight.internal.v1 import lanes_pb2
 
-from dreamsight_server.errors import ErrorTable, InvalidArgument, Unavailable
-from dreamsight_server.interceptors import error_status
+from dreamsight_server.errors import (
+    ErrorTable,
+    InvalidArgument,
+    Unauthenticated,
+    Unavailable,
+)
+from dreamsight_server.interceptors import abort_with, error_status
 from dreamsight_server.metadata import LANES_HEADER
 from dreamsight_server.metering import Behavior, run_settled
+from dreamsight_server.tenancy import check_gateway_token
 
 LANES_SERVICE = "dreamsight.internal.v1.Lanes"
 """The internal service of lanes (a generic handler, as the settled twins are)."""
 LANE_METHOD = "Carry"
 LANE_PATH = f"/{LANES_SERVICE}/{LANE_METHOD}"
+
+log = logging.getLogger(__name__)
 
 _ENDED = object()
 """A call's task result once its LaneEnd is queued."""
@@ -232,11 +247,20 @@ class _Lane:
         self._calls[number] = (task, stop)
         if open_.window_bytes:
             self._windows[number] = _Window(open_.window_bytes)
-        task.add_done_callback(lambda _: self._forget(number))
+        task.add_done_callback(lambda done: self._forget(number, done))
 
-    def _forget(self, number: int) -> None:
+    def _forget(self, number: int, task: asyncio.Task[Any]) -> None:
         self._calls.pop(number, None)
         self._windows.pop(number, None)
+        if task.cancelled() or task.exception() is None:
+            return
+        # The call failed before it could send its end (a bug): end it here, or
+        # the gateway's call would wait for an end that never comes.
+        failure = task.exception()
+        error = failure if isinstance(failure, Exception) else RuntimeError(repr(failure))
+        log.error("lane call %d failed without its end", number)
+        status = error_status(error, LANE_PATH, self._server.table)  # logged there
+        self._emit(lanes_pb2.LaneItem(call=number, end=_end(status.code, status.details, (), 0.0)))
 
     async def _serve(
         self, number: int, open_: lanes_pb2.LaneOpen, stop: asyncio.Future[None]
@@ -244,11 +268,12 @@ class _Lane:
         server = self._server
         metadata = [(header.key, header.value) for header in open_.metadata]
         timeout = open_.timeout_seconds if open_.HasField("timeout_seconds") else None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        context = LaneCallContext(metadata, deadline)
         name = open_.method.replace(".", "/", 1)
         method = server.methods.get(open_.method)
         try:
+            if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+                # A NaN would sit in the event loop's timer heap and hold every later timer back.
+                raise InvalidArgument("timeout_seconds", "must be a finite number, at least 0")
             if self._retiring:
                 raise Unavailable("the service is shutting down; retry")
             if method is None:
@@ -267,6 +292,8 @@ class _Lane:
                 )
             )
             return _ENDED
+        deadline = None if timeout is None else time.monotonic() + timeout
+        context = LaneCallContext(metadata, deadline)
         self._emit(lanes_pb2.LaneItem(call=number, device_share=server.device_share()))
         serialize = response_type.SerializeToString
         emit = self._emit
@@ -348,10 +375,15 @@ class LaneServer:
         methods: dict[str, tuple[Behavior, Any, Any]],
         table: ErrorTable,
         device_share: Callable[[], float],
+        gateway_secret: str | None = None,
     ) -> None:
+        """``gateway_secret``: a lane is taken only from a caller with the
+        gateway's token (as every call a backend serves), before any of its
+        calls is read; each call's own metadata is then checked as usual."""
         self.methods = {f"{service}.{name}": method for name, method in methods.items()}
         self.table = table
         self.device_share = device_share
+        self.gateway_secret = gateway_secret
         self.retiring = False
         self._lanes: set[_Lane] = set()
 
@@ -359,6 +391,11 @@ class LaneServer:
         """The generic handler to add to the backend's server."""
 
         async def carry(_: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            try:
+                check_gateway_token(context.invocation_metadata(), self.gateway_secret)
+            except Unauthenticated as refused:
+                await abort_with(context, refused, LANE_PATH, self.table)
+                return
             await context.send_initial_metadata(((LANES_HEADER, "1"),))
             lane = _Lane(self, context)
             self._lanes.add(lane)

@@ -17,21 +17,39 @@ from pathlib import Path
 from dreamsight_server.errors import InvalidArgument, Unauthenticated
 from dreamsight_server.metadata import GATEWAY_TOKEN_HEADER, TENANT_HEADER
 
-__all__ = ["GATEWAY_TOKEN_HEADER", "TENANT_HEADER", "public_source", "tenant_from_metadata"]
+__all__ = [
+    "GATEWAY_TOKEN_HEADER",
+    "TENANT_HEADER",
+    "check_gateway_token",
+    "public_source",
+    "tenant_from_metadata",
+]
 
 DEFAULT_TENANT = "local"
 MAX_TENANT_LENGTH = 64
+
+
+def _values(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
+    return {key: value for key, value in (metadata or ()) if isinstance(value, str)}
+
+
+def check_gateway_token(
+    metadata: Iterable[tuple[str, str | bytes]] | None, gateway_secret: str | None
+) -> None:
+    """Raise Unauthenticated unless the call carries the gateway's token (no
+    configured secret: every caller passes)."""
+    if gateway_secret:
+        token = _values(metadata).get(GATEWAY_TOKEN_HEADER, "")
+        if not hmac.compare_digest(token.encode(), gateway_secret.encode()):
+            raise Unauthenticated("calls must come through the gateway")
 
 
 def tenant_from_metadata(
     metadata: Iterable[tuple[str, str | bytes]] | None, gateway_secret: str | None
 ) -> str:
     """The calling tenant; raises when the gateway token is missing or wrong."""
-    values = {key: value for key, value in (metadata or ()) if isinstance(value, str)}
-    if gateway_secret:
-        token = values.get(GATEWAY_TOKEN_HEADER, "")
-        if not hmac.compare_digest(token.encode(), gateway_secret.encode()):
-            raise Unauthenticated("calls must come through the gateway")
+    check_gateway_token(metadata, gateway_secret)
+    values = _values(metadata)
     tenant = values.get(TENANT_HEADER, DEFAULT_TENANT)
     if not tenant or len(tenant) > MAX_TENANT_LENGTH or not tenant.isprintable():
         raise InvalidArgument(TENANT_HEADER, f"must be 1 to {MAX_TENANT_LENGTH} printable chars")

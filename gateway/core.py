@@ -216,10 +216,11 @@ class GatewayCore:
 
     def tenant_metadata(self, tenant: str, request_id: str) -> tuple[tuple[str, str], ...]:
         """Backend metadata for a tenant's call."""
-        metadata = [(TENANT_HEADER, tenant), (REQUEST_ID_HEADER, request_id)]
-        if self._backend_secret:
-            metadata.append((GATEWAY_TOKEN_HEADER, self._backend_secret))
-        return tuple(metadata)
+        return ((TENANT_HEADER, tenant), (REQUEST_ID_HEADER, request_id), *self.gateway_token())
+
+    def gateway_token(self) -> tuple[tuple[str, str], ...]:
+        """The metadata that proves a call comes from the gateway (none without a secret)."""
+        return ((GATEWAY_TOKEN_HEADER, self._backend_secret),) if self._backend_secret else ()
 
     def first_chunk(self, admission: Admission) -> None:
         """Note the first streamed message (TTFT for Chat)."""

@@ -22,6 +22,12 @@ sends at most that many bytes of a call's messages ahead of what its caller
 has read, so a caller that stalls holds back its own call, never the lane
 nor the other calls on it.
 
+A call whose request is larger than :data:`LANE_REQUEST_BYTES` (images)
+goes on its own settled stream instead: on a lane it would hold the lane's
+writer back from the other calls, and one over the replica's receive limit
+would end the lane with every call on it. Each lane carries the gateway's
+token (the pool's ``metadata``): a replica takes lanes from nobody else.
+
 A replica that does not serve lanes (an older vision service, during a
 rolling upgrade) answers a lane with UNIMPLEMENTED before any reply: its calls
 then go, unseen by their callers, on their own settled streams (the
@@ -51,6 +57,9 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 WINDOW_BYTES = 1024 * 1024
 """Bytes of a call's messages a replica may send ahead of its caller's reads
 (a slow caller holds back its own call, never the lane)."""
+LANE_REQUEST_BYTES = 1024 * 1024
+"""A call whose serialized request is larger goes on its own settled stream,
+not on a lane (see LaneCall.write)."""
 NO_LANES_S = 60.0
 """How long a pool whose replica answered a lane with UNIMPLEMENTED sends new
 calls on their own settled streams before trying lanes again."""
@@ -115,9 +124,17 @@ class LaneCall:
             return
         if self._opened or self._ended:
             return
+        payload = request if self._serializer is None else self._serializer(request)
+        if len(payload) > LANE_REQUEST_BYTES and self._settled is not None:
+            # Its own stream: a big request (images) would hold the lane's writer
+            # back from every other call, and one over the replica's receive
+            # limit would end the whole lane, every tenant's call on it.
+            self._lane.forget(self._number)
+            self._fallback = self._settled(self._timeout)
+            await self._fallback.write(request)
+            return
         self._opened = True
         self._request = request
-        payload = request if self._serializer is None else self._serializer(request)
         open_ = lanes_pb2.LaneOpen(
             method=self._method,
             request=payload,
@@ -400,8 +417,11 @@ class LanePool:
         channel: grpc.aio.Channel,
         calls_per_lane: int,
         methods: Iterable[str],
+        metadata: Sequence[tuple[str, str]] = (),
         max_age_s: float = 30.0,
     ) -> None:
+        """``metadata`` goes on each lane's stream (the gateway's token: a
+        replica takes lanes only from the gateway)."""
         untyped: Any = channel  # grpc-stubs lack _registered_method
         self._carry = untyped.stream_stream(
             LANE_PATH,
@@ -412,6 +432,7 @@ class LanePool:
         self.calls_per_lane = calls_per_lane
         self.methods = frozenset(methods)
         self.max_age_s = max_age_s
+        self._metadata = tuple(metadata)
         self._lanes: list[_Lane] = []
         self._no_lanes_until = 0.0
 
@@ -440,7 +461,7 @@ class LanePool:
             if room and (best is None or len(lane.calls) < len(best.calls)):
                 best = lane
         if best is None:
-            best = _Lane(self, self._carry())
+            best = _Lane(self, self._carry(metadata=self._metadata))
             self._lanes.append(best)
         return best.open_call(method, metadata, timeout, serializer, deserializer, settled)
 

@@ -115,7 +115,8 @@ async def start_gateway(
     vision = backend_channel(settings.vision_target, max_bytes, credentials, name)
     diffusion = backend_channel(settings.diffusion_target, max_bytes, credentials, name)
     if settings.lane_calls > 0:
-        attach(vision, LanePool(vision, settings.lane_calls, ["VisionService.Chat"]))
+        pool = LanePool(vision, settings.lane_calls, ["VisionService.Chat"], core.gateway_token())
+        attach(vision, pool)
     training = TrainingMeter(core, diffusion, store)
     names = [d.full_name for d in (VISION, DIFFUSION, USAGE, ADMIN)]
     server = GrpcServer(settings.server, names, registry)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,7 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
 
 
 def serve_fake_vision(
-    server: grpc.aio.Server, impl: FakeVision, lanes: bool = True
+    server: grpc.aio.Server, impl: FakeVision, lanes: bool = True, secret: str = ""
 ) -> LaneServer | None:
     """Add the fake's VisionService, the settled twin of its Chat and its lanes
     (the real wrappers, which are what the gateway calls), to a server; without
@@ -118,7 +119,7 @@ def serve_fake_vision(
     if not lanes:
         server.add_generic_rpc_handlers((settled,))
         return None
-    lane_server = LaneServer("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0)
+    lane_server = LaneServer("VisionService", {"Chat": chat}, ErrorTable(), lambda: 1.0, secret)
     server.add_generic_rpc_handlers((settled, lane_server.handler()))
     return lane_server
 
@@ -126,17 +127,21 @@ def serve_fake_vision(
 class FakeBackend:
     """A real grpc.aio server on loopback serving :class:`FakeVision`."""
 
-    def __init__(self, impl: FakeVision, port: int = 0, lanes: bool = True) -> None:
+    def __init__(
+        self, impl: FakeVision, port: int = 0, lanes: bool = True, secret: str = ""
+    ) -> None:
+        """``secret``: its lanes are taken only with the gateway's token."""
         self.impl = impl
         self.port = port
         self.serves_lanes = lanes
+        self.secret = secret
         self.server: grpc.aio.Server | None = None
         self.health: Any = None
         self.lanes: LaneServer | None = None
 
     async def start(self) -> int:
         server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-        self.lanes = serve_fake_vision(server, self.impl, self.serves_lanes)
+        self.lanes = serve_fake_vision(server, self.impl, self.serves_lanes, self.secret)
         servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -167,8 +172,13 @@ async def gateway_for(
     http_port: int | None = None,
     diffusion_port: int | None = None,
     lane_calls: int = 8,
+    backend_secret: str = "",
+    max_receive_bytes: int | None = None,
 ) -> Gateway:
     """A gateway on port 0 whose backends are the fake (HTTP off unless asked)."""
+    options = ServerOptions(metrics_port=metrics_port, grace_s=1.0)
+    if max_receive_bytes is not None:
+        options = dataclasses.replace(options, max_receive_bytes=max_receive_bytes)
     settings = GatewaySettings(
         vision_target=f"127.0.0.1:{backend_port}",
         diffusion_target=f"127.0.0.1:{diffusion_port or backend_port}",
@@ -181,7 +191,8 @@ async def gateway_for(
         lease_ttl_s=lease_ttl_s,
         http_port=http_port,
         lane_calls=lane_calls,
-        server=ServerOptions(metrics_port=metrics_port, grace_s=1.0),
+        backend_secret=backend_secret,
+        server=options,
     )
     return await start_gateway(settings)
 

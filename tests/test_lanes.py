@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from dreamsight.internal.v1 import lanes_pb2
 from dreamsight.vision.v1 import vision_pb2_grpc
 
+from dreamsight_server.lanes import LANE_PATH
+from dreamsight_server.metadata import LANES_HEADER
 from gateway import lanes as gateway_lanes
+from gateway.config import MAX_REQUEST_BYTES
 from gateway.server import Gateway
 from tests.gateway_helpers import (
     FakeBackend,
@@ -231,3 +235,112 @@ async def test_a_replica_without_lanes_serves_chats_on_their_own_streams(
     finally:
         await gw.stop(0)
         await old.kill()
+
+
+async def _carry(port: int, *requests: lanes_pb2.LaneRequest, metadata: Any = ()) -> Any:
+    """A lane opened directly on a replica (not through a gateway): the requests
+    written, then the replies read until every call opened has ended."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        carry = channel.stream_stream(
+            LANE_PATH, lanes_pb2.LaneRequest.SerializeToString, lanes_pb2.LaneReply.FromString
+        )
+        stream = carry(metadata=metadata)
+        if not any(key == LANES_HEADER for key, _ in await stream.initial_metadata() or ()):
+            await stream.read()  # the lane was refused: this raises why
+        for request in requests:
+            await stream.write(request)
+        ends: dict[int, lanes_pb2.LaneEnd] = {}
+        opened = {r.call for r in requests if r.WhichOneof("action") == "open"}
+        async with asyncio.timeout(10):
+            while set(ends) != opened:
+                reply = await stream.read()
+                for item in reply.items:
+                    if item.WhichOneof("event") == "end":
+                        ends[item.call] = item.end
+        stream.cancel()
+        return ends
+
+
+def _open(number: int, text: str, **fields: Any) -> lanes_pb2.LaneRequest:
+    request = chat_request(text).SerializeToString()
+    return lanes_pb2.LaneRequest(
+        call=number,
+        open=lanes_pb2.LaneOpen(method="VisionService.Chat", request=request, **fields),
+    )
+
+
+async def test_a_big_request_goes_on_its_own_stream_and_fails_only_itself(
+    tmp_path: Path, backend: FakeBackend
+) -> None:
+    """A request over the replica's receive limit (the gateway takes up to its
+    own, larger one) fails on a stream of its own: the chat of another tenant
+    that shares its lane runs to its end, billed what the replica reported."""
+    gw = await gateway_for(
+        tmp_path, backend.port, lane_calls=4, max_receive_bytes=MAX_REQUEST_BYTES
+    )
+    options = [("grpc.max_send_message_length", MAX_REQUEST_BYTES)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}", options=options) as channel:
+            victim, sender = await new_key(gw, "victim", "max"), await new_key(gw, "big", "max")
+            kept = asyncio.ensure_future(collect(channel, "sleep:1.0", bearer(victim)))
+            await asyncio.sleep(0.3)
+            assert _pool(gw).lanes == 1
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await collect(channel, "x" * (5 << 20), bearer(sender))
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert (await kept)[-1].final.completion_tokens == 3
+        assert await _billed(gw, "victim", 1) == pytest.approx([0.25])
+        await no_slots_held(gw, "big")
+    finally:
+        await gw.stop(0)
+
+
+async def test_a_lane_is_taken_only_with_the_gateway_token(tmp_path: Path) -> None:
+    secret = "lane-secret"
+    guarded = FakeBackend(FakeVision(gpu_seconds=0.25), secret=secret)
+    await guarded.start()
+    gw = await gateway_for(tmp_path, guarded.port, lane_calls=4, backend_secret=secret)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _carry(guarded.port, _open(1, "hi"))
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert not guarded.impl.tenants, "nothing ran for a caller without the token"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+            key = await new_key(gw, "t", "max")
+            assert (await collect(channel, "chunks:5", bearer(key)))[-1].final.completion_tokens
+            assert _pool(gw).lanes == 1, "the gateway's lane was taken"
+    finally:
+        await gw.stop(0)
+        await guarded.kill()
+
+
+async def test_a_lane_call_with_a_timeout_that_is_not_a_number_is_refused(
+    backend: FakeBackend,
+) -> None:
+    ends = await _carry(
+        backend.port,
+        _open(1, "hi", timeout_seconds=float("nan")),
+        _open(2, "hi", timeout_seconds=-1.0),
+        _open(3, "chunks:2", timeout_seconds=5.0),
+    )
+    for number in (1, 2):
+        assert ends[number].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "timeout_seconds" in ends[number].details
+    assert ends[3].code == grpc.StatusCode.OK.value[0]
+    assert len(backend.impl.tenants) == 1, "only the call with a good timeout ran"
+
+
+async def test_a_lane_call_that_fails_before_its_end_still_ends(
+    backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault in the lane's own code (here the device share) ends that call
+    with INTERNAL, instead of leaving the gateway to wait for its end."""
+    assert backend.lanes is not None
+
+    def broken() -> float:
+        raise RuntimeError("no share")
+
+    monkeypatch.setattr(backend.lanes, "device_share", broken)
+    ends = await _carry(backend.port, _open(1, "hi"))
+    assert ends[1].code == grpc.StatusCode.INTERNAL.value[0]
+    assert "no share" not in ends[1].details

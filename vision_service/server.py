@@ -65,7 +65,9 @@ async def start_service(
     def device_share() -> float:
         return devices / (engine.meter.running + 1)  # sharing with those running
 
-    lanes = LaneServer("VisionService", {"Chat": chat}, errors, device_share)
+    lanes = LaneServer(
+        "VisionService", {"Chat": chat}, errors, device_share, settings.gateway_secret
+    )
     server.server.add_generic_rpc_handlers(
         (settled_handlers("VisionService", {"Chat": chat}, errors, device_share), lanes.handler())
     )

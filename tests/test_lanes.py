@@ -241,7 +241,7 @@ async def _carry(port: int, *requests: lanes_pb2.LaneRequest, metadata: Any = ()
     """A lane opened directly on a replica (not through a gateway): the requests
     written, then the replies read until every call opened has ended."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        carry = channel.stream_stream(
+        carry: Any = channel.stream_stream(
             LANE_PATH, lanes_pb2.LaneRequest.SerializeToString, lanes_pb2.LaneReply.FromString
         )
         stream = carry(metadata=metadata)

@@ -32,9 +32,9 @@ the outgoing adapter stays and the image is the one a fresh load gives, byte
 for byte. Otherwise the outgoing adapter is deleted and the incoming one
 loaded afresh: other modules or another rank, adapters on the text encoder
 (diffusers does not hot-swap those), or a pair peft refuses (another kind
-of LoRA). Slots have names of their
-own (a fixed-width counter): peft finds an adapter's tensors by its name as a
-substring of theirs, which two names of one width never are of each other.
+of LoRA). Slots have names of their own (a fixed-width counter): peft finds
+an adapter's tensors by its name as a substring of theirs, which two names
+of one width never are of each other.
 
 Batching several adapters in one UNet pass is what peft's mixed-adapter
 inference would allow, but diffusers' Stable Diffusion pipeline takes no

@@ -247,9 +247,7 @@ class AdapterSlots:
             return
         key = adapter.key
         if key not in self._loaded:
-            swaps = self.hotswaps
             self._loaded[key] = self._load(adapter)
-            self._on_load("hot_swap" if self.hotswaps > swaps else "fresh")
             log.info("loaded adapter %s (%d loaded)", key, len(self._loaded))
         self._loaded.move_to_end(key)
         pipe.enable_lora()
@@ -264,8 +262,9 @@ class AdapterSlots:
         pipe = self._pipeline
         shapes = swappable_shapes(adapter.source)
         leaving = self._leaving(adapter.size_bytes)
-        fits = [k for k in leaving if self._hotswap and _fits(shapes, self._loaded[k])]
-        reuse = fits[0] if fits else None
+        reuse = None
+        if self._hotswap:
+            reuse = next((k for k in leaving if _fits(shapes, self._loaded[k])), None)
         for key in leaving:
             if key != reuse:
                 self._delete(key)
@@ -279,9 +278,11 @@ class AdapterSlots:
             else:
                 _keep_swapped_scaling(pipe.unet, name)
                 self.hotswaps += 1
+                self._on_load("hot_swap")
                 return _Slot(adapter, name, shapes)
         name = next(self._names)
         pipe.load_lora_weights(adapter.source, adapter_name=name)
+        self._on_load("fresh")
         return _Slot(adapter, name, shapes)
 
     def _leaving(self, incoming: int) -> list[str]:

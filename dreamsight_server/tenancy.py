@@ -38,8 +38,12 @@ def check_gateway_token(
 ) -> None:
     """Raise Unauthenticated unless the call carries the gateway's token (no
     configured secret: every caller passes)."""
+    _check_token(_values(metadata), gateway_secret)
+
+
+def _check_token(values: dict[str, str], gateway_secret: str | None) -> None:
     if gateway_secret:
-        token = _values(metadata).get(GATEWAY_TOKEN_HEADER, "")
+        token = values.get(GATEWAY_TOKEN_HEADER, "")
         if not hmac.compare_digest(token.encode(), gateway_secret.encode()):
             raise Unauthenticated("calls must come through the gateway")
 
@@ -48,8 +52,8 @@ def tenant_from_metadata(
     metadata: Iterable[tuple[str, str | bytes]] | None, gateway_secret: str | None
 ) -> str:
     """The calling tenant; raises when the gateway token is missing or wrong."""
-    check_gateway_token(metadata, gateway_secret)
     values = _values(metadata)
+    _check_token(values, gateway_secret)
     tenant = values.get(TENANT_HEADER, DEFAULT_TENANT)
     if not tenant or len(tenant) > MAX_TENANT_LENGTH or not tenant.isprintable():
         raise InvalidArgument(TENANT_HEADER, f"must be 1 to {MAX_TENANT_LENGTH} printable chars")

@@ -44,7 +44,7 @@ def write_adapter(
     unet = copy.deepcopy(base.unet)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules)
     unet.add_adapter(config)
-    layers: dict[str, Any] = {"unet_lora_layers": get_peft_model_state_dict(unet)}
+    layers: dict[str, Any] = {}
     metadata: dict[str, Any] = {"unet_lora_adapter_metadata": config.to_dict()}
     modules_of = [unet]
     if text:

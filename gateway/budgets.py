@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from dreamsight_server.errors import ResourceExhausted
 from gateway.keys import Caller
-from gateway.store import AsyncStore
+from gateway.store import AsyncStore, Bill
 from gateway.tiers import Tier, Window
 
 
@@ -95,16 +95,17 @@ class Budgets:
     ) -> bool:
         """Bill a computation once per ledger id (the gateway's own id of a call or
         job; the caller's request id is only traced); False if already billed."""
-        billed = await self._store.run(
-            self._store.sync.record_usage,
-            ledger_id,
-            caller.tenant,
-            caller.tier,
-            service,
-            gpu_seconds,
-            time.time(),
-            request_id,
-            estimated,
+        billed = await self._store.record_usage(
+            Bill(
+                ledger_id,
+                caller.tenant,
+                caller.tier,
+                service,
+                gpu_seconds,
+                time.time(),
+                request_id,
+                estimated,
+            )
         )
         if billed:  # this replica sees its own billing at once
             for key, (expires, used) in list(self._used.items()):

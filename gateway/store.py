@@ -14,9 +14,10 @@ on one dedicated thread so the event loop never waits on disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,33 @@ _MIGRATE_V1 = (
 )
 # Version 2's ledger had no estimated column (every row was a backend's report).
 _MIGRATE_V2 = ("ALTER TABLE gpu_ledger ADD COLUMN estimated BOOLEAN NOT NULL DEFAULT FALSE",)
+
+
+@dataclass(frozen=True)
+class Bill:
+    """One ledger row to write: what a computation spent."""
+
+    ledger_id: str
+    tenant: str
+    tier: str
+    service: str
+    gpu_seconds: float
+    at: float
+    request_id: str = ""
+    estimated: bool = False
+
+    def row(self) -> tuple[Any, ...]:
+        """The values in the ledger's column order."""
+        return (
+            self.ledger_id,
+            self.tenant,
+            self.tier,
+            self.service,
+            self.gpu_seconds,
+            self.at,
+            self.request_id,
+            self.estimated,
+        )
 
 
 @dataclass(frozen=True)
@@ -211,13 +239,33 @@ class SqlStore:
         estimated: bool = False,
     ) -> bool:
         """Bill a computation once; False when this ledger id was already billed."""
-        rows = self._execute(
+        bill = Bill(ledger_id, tenant, tier, service, gpu_seconds, at, request_id, estimated)
+        return self.record_usages([bill])[0]
+
+    def record_usages(self, bills: Sequence[Bill]) -> list[bool]:
+        """Bill computations in one transaction, each once: for each, False when
+        its ledger id was already billed. All of them are written, or none."""
+        sql = (
             "INSERT INTO gpu_ledger (ledger_id, tenant, tier, service, gpu_seconds, "
             "recorded_at, request_id, estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (ledger_id) DO NOTHING RETURNING ledger_id",
-            (ledger_id, tenant, tier, service, gpu_seconds, at, request_id, estimated),
-        )
-        return bool(rows)
+            "ON CONFLICT (ledger_id) DO NOTHING RETURNING ledger_id"
+        ).replace("?", self._placeholder)
+        with self._lock, self._transaction():
+            return [bool(self._conn.execute(sql, bill.row()).fetchall()) for bill in bills]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        if self._placeholder != "?":  # psycopg: its own transaction block
+            with self._conn.transaction():
+                yield
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def usage_since(self, tenant: str, since: float) -> float:
         """GPU-seconds the tenant used since a time."""
@@ -275,15 +323,69 @@ class SqlStore:
 
 
 class AsyncStore:
-    """Runs a :class:`SqlStore` on one dedicated thread."""
+    """Runs a :class:`SqlStore` on one dedicated thread.
+
+    Bills are written in groups: the bills that come while one write is under
+    way go together in the next (one transaction, one trip to the thread), so
+    a busy gateway writes its ledger in fewer, larger transactions instead of
+    queueing one trip per call behind the others (each bill is still durable
+    before its caller goes on)."""
 
     def __init__(self, store: SqlStore) -> None:
         self.sync = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")
+        self._bills: list[tuple[Bill, asyncio.Future[bool]]] = []
+        self._writing: asyncio.Task[None] | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Call a store method off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def record_usage(self, bill: Bill) -> bool:
+        """Bill a computation once (with whatever other bills are waiting); False
+        when its ledger id was already billed."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._bills.append((bill, done))
+        if self._writing is None:
+            self._writing = loop.create_task(self._write_bills())
+        return await done
+
+    async def _write_bills(self) -> None:
+        batch: list[tuple[Bill, asyncio.Future[bool]]] = []
+        try:
+            while self._bills:
+                batch, self._bills = self._bills, []
+                bills = [bill for bill, _ in batch]
+                try:
+                    outcomes: list[bool | Exception] = list(
+                        await self.run(self.sync.record_usages, bills)
+                    )
+                except Exception as error:
+                    # One bad bill must not cost the others theirs: each on its own.
+                    outcomes = [error] if len(bills) == 1 else await self.run(self._each, bills)
+                for (_, done), outcome in zip(batch, outcomes, strict=True):
+                    if done.done():
+                        continue
+                    if isinstance(outcome, Exception):
+                        done.set_exception(outcome)
+                    else:
+                        done.set_result(outcome)
+                batch = []
+        finally:
+            self._writing = None
+            for _, done in batch + self._bills:  # only if this task itself was cancelled
+                done.cancel()
+            self._bills = []
+
+    def _each(self, bills: list[Bill]) -> list[bool | Exception]:
+        outcomes: list[bool | Exception] = []
+        for bill in bills:
+            try:
+                outcomes.append(self.sync.record_usages([bill])[0])
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
 
     def close(self) -> None:
         """Finish pending work and close the connection."""

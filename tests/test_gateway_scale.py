@@ -82,6 +82,37 @@ async def test_postgres_ledger_bills_every_call_and_survives_restart(
         await again.stop(0)
 
 
+async def test_postgres_writes_waiting_bills_in_one_transaction_each_once(
+    postgres_dsn: str,
+) -> None:
+    """The ledger's group writes on PostgreSQL: a duplicate in the group is
+    billed once, a bad bill costs no other bill its row."""
+    from typing import Any, cast
+
+    from gateway.store import AsyncStore, Bill, SqlStore
+
+    def bill(ledger_id: str, tenant: Any = "t") -> Bill:
+        return Bill(ledger_id, tenant, "pro", "VisionService", 1.0, 1.0)
+
+    store = AsyncStore(SqlStore(_fresh_database(postgres_dsn)))
+    try:
+        assert await store.record_usage(bill("first"))
+        billed = await asyncio.gather(
+            *(store.record_usage(bill(f"call-{i}")) for i in range(10)),
+            store.record_usage(bill("first")),
+        )
+        assert billed == [True] * 10 + [False]
+        outcomes = await asyncio.gather(
+            store.record_usage(bill("good")),
+            store.record_usage(bill("bad", tenant=cast(Any, object()))),
+            return_exceptions=True,
+        )
+        assert outcomes[0] is True and isinstance(outcomes[1], Exception)
+        assert store.sync.total_usage() == (12, 12.0)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 def test_a_version_1_ledger_moves_into_the_new_one(
     tmp_path: Path, postgres_dsn: str, engine: str

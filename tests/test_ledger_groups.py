@@ -1,0 +1,95 @@
+"""The ledger's group writes (gateway.store.AsyncStore.record_usage): bills
+that wait while a write is under way go together in one transaction, each is
+still billed once, and one bad bill costs no other bill its row."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from gateway.store import AsyncStore, Bill, SqlStore
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[AsyncStore]:
+    store = AsyncStore(SqlStore(str(tmp_path / "ledger.sqlite3")))
+    yield store
+    store.close()
+
+
+def bill(ledger_id: str, gpu_seconds: float = 1.0, tenant: Any = "t") -> Bill:
+    return Bill(ledger_id, tenant, "pro", "VisionService", gpu_seconds, 1.0, f"r-{ledger_id}")
+
+
+def spy_batches(store: AsyncStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every batch the store's thread is given to write."""
+    sizes: list[int] = []
+    write = store.sync.record_usages
+
+    def counted(bills: Sequence[Bill]) -> list[bool]:
+        sizes.append(len(bills))
+        return write(bills)
+
+    monkeypatch.setattr(store.sync, "record_usages", counted)
+    return sizes
+
+
+async def test_bills_that_wait_together_are_written_in_one_transaction(
+    store: AsyncStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = spy_batches(store, monkeypatch)
+    assert await store.record_usage(bill("first", 0.5))
+    billed = await asyncio.gather(
+        *(store.record_usage(bill(f"call-{i}")) for i in range(20)),
+        store.record_usage(bill("first", 0.5)),  # the same computation again
+    )
+    assert billed == [True] * 20 + [False]
+    assert sizes == [1, 21]
+    assert store.sync.total_usage() == (21, 20.5)
+
+
+async def test_one_bad_bill_costs_no_other_bill_its_row(store: AsyncStore) -> None:
+    unbindable = cast(Any, object())  # sqlite3 cannot bind it: the batch's transaction fails
+    outcomes = await asyncio.gather(
+        *(store.record_usage(bill(f"good-{i}")) for i in range(5)),
+        store.record_usage(bill("bad", tenant=unbindable)),
+        return_exceptions=True,
+    )
+    assert outcomes[:5] == [True] * 5
+    assert isinstance(outcomes[5], sqlite3.ProgrammingError)
+    assert store.sync.total_usage() == (5, 5.0)
+
+
+async def test_a_failing_store_fails_each_waiting_bill_and_the_next_write_works(
+    store: AsyncStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = store.sync.record_usages
+    failing = True
+
+    def flaky(bills: Sequence[Bill]) -> list[bool]:
+        if failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        return write(bills)
+
+    monkeypatch.setattr(store.sync, "record_usages", flaky)
+    outcomes = await asyncio.gather(
+        *(store.record_usage(bill(f"lost-{i}")) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, sqlite3.OperationalError) for o in outcomes)
+    failing = False
+    assert await store.record_usage(bill("after"))
+    assert await store.record_usage(bill("lost-0"))  # never written: billable now
+    assert store.sync.total_usage() == (2, 2.0)
+
+
+async def test_a_caller_that_stops_waiting_is_still_billed(store: AsyncStore) -> None:
+    waiting = asyncio.ensure_future(store.record_usage(bill("gone")))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    assert await store.record_usage(bill("next"))
+    assert store.sync.total_usage() == (2, 2.0)

@@ -60,6 +60,11 @@ bench-openai: setup
 bench-gateway: setup
 	PYTHONPATH=. $(BIN)/python bench/bench_gateway.py
 
+.PHONY: bench-gateway-chat
+
+bench-gateway-chat: setup
+	$(BIN)/python bench/bench_gateway_chat.py
+
 protos: setup
 	$(BIN)/python scripts/gen_protos.py
 

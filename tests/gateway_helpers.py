@@ -33,9 +33,11 @@ ADMIN_TOKEN = "admin-token-for-tests"
 @dataclass
 class FakeVision(vision_pb2_grpc.VisionServiceServicer):
     """Chat behaviour chosen by the message text: ``sleep:S``, ``chunks:N``,
-    ``big:N`` (64 KiB chunks), ``invalid``, ``slowstop:S`` (runs until stopped,
-    then takes S seconds to stop), ``linger`` (after its last message, its call
-    ends only once ``linger`` is set). Every call reports ``gpu_seconds`` however it ends."""
+    ``big:N`` (64 KiB chunks), ``steps:N:MS`` (N deltas, one per MS milliseconds
+    of a clock all calls share, as an engine's steps are), ``invalid``,
+    ``slowstop:S`` (runs until stopped, then takes S seconds to stop), ``linger``
+    (after its last message, its call ends only once ``linger`` is set). Every
+    call reports ``gpu_seconds`` however it ends."""
 
     gpu_seconds: float = 0.5
     running: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -65,13 +67,17 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
             if text.startswith("slowstop:"):  # runs until stopped, then takes S to stop
                 await self._run_until_cancelled(float(text.split(":")[1]))
             sleep = float(text.split(":")[1]) if text.startswith("sleep:") else 0.0
-            chunks = int(text.split(":")[1]) if text.startswith(("chunks:", "big:")) else 3
+            counted = text.startswith(("chunks:", "big:", "steps:"))
+            chunks = int(text.split(":")[1]) if counted else 3
+            step = float(text.split(":")[2]) / 1000 if text.startswith("steps:") else 0.0
             pad = "x" * 65536 if text.startswith("big:") else ""
             for i in range(chunks):
                 self.produced += 1
                 yield vision_pb2.ChatResponse(delta=f"t{i} {pad}")
                 if sleep:
                     await asyncio.sleep(sleep / chunks)
+                if step:  # to the clock's next tick, where every call's next delta is
+                    await asyncio.sleep(step - asyncio.get_running_loop().time() % step)
             context.set_trailing_metadata(gpu_seconds_trailer(self.gpu_seconds))
             yield vision_pb2.ChatResponse(
                 final=vision_pb2.ChatFinal(

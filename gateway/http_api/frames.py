@@ -11,6 +11,7 @@ it (default separators, ``ensure_ascii``): it is cut out of that very output
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
@@ -58,6 +59,19 @@ class Template:
         parts[-1] += after
         return cls(parts, order)
 
+    def bind(self, *values: str) -> Template:
+        """This template with its last len(values) holes filled with their JSON
+        text (the holes before them stay, numbered as they were)."""
+        keep = len(self._rest) - len(values)
+        parts, order = [self._first], []
+        for i, part in self._rest:
+            if i >= keep:
+                parts[-1] += values[i - keep] + part
+            else:
+                order.append(i)
+                parts.append(part)
+        return Template(parts, order)
+
     def fill(self, *values: str) -> bytes:
         """The framed object with each hole's JSON text, hole 0 first."""
         out = self._first
@@ -89,7 +103,9 @@ class OpenAIChunks:
     null`` (include_usage) or the figures so far (continuous_usage_stats).
 
     head is the chunk's id, created, model and object; piece(text, None) the
-    choice that carries a delta's text."""
+    choice that carries a delta's text (a function of the module, so that the
+    templates of a stream's shape are made once and each stream only fills in
+    its head)."""
 
     def __init__(
         self,
@@ -100,16 +116,9 @@ class OpenAIChunks:
         running: bool,
     ) -> None:
         self._running = running
-
-        def event(choices: list[Any], usage: Any) -> dict[str, Any]:
-            event = {**head, "choices": choices}
-            return {**event, "usage": usage} if last_usage else event
-
-        # With running usage the usage object is a hole too (its figures change).
-        holes = 2 if running else 1
-        self._choice = sse(lambda c, u=None: event([c], u), holes)
-        self._delta = sse(lambda t, u=None: event([piece(t, None)], u), holes)
-        self._usage = sse(lambda u: {**head, "choices": [], "usage": u}, 1)
+        shapes = _openai_shapes(tuple(head), piece, last_usage, running)
+        values = [json.dumps(value) for value in head.values()]
+        self._choice, self._delta, self._usage = (shape.bind(*values) for shape in shapes)
 
     def choice(self, choice: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> bytes:
         """A chunk with any choice (the opening, tool calls, the finish)."""
@@ -126,6 +135,40 @@ class OpenAIChunks:
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The last chunk of include_usage: no choices, the whole usage."""
         return self._usage.fill(usage(prompt_tokens, completion_tokens))
+
+
+@functools.lru_cache(maxsize=64)
+def _openai_shapes(
+    keys: tuple[str, ...],
+    piece: Callable[[str | None, str | None], dict[str, Any]],
+    last_usage: bool,
+    running: bool,
+) -> tuple[Template, Template, Template]:
+    """The chunk templates of a stream's shape (a choice, a delta, the last
+    usage), each with the head's values as its last holes."""
+    holes = 2 if running else 1  # with running usage the usage object is a hole too
+
+    def event(choices: list[Any], usage: Any, head: tuple[Any, ...]) -> dict[str, Any]:
+        event = {**dict(zip(keys, head, strict=True)), "choices": choices}
+        return {**event, "usage": usage} if last_usage else event
+
+    def split(values: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+        return (values[1] if running else None), values[holes:]
+
+    def choice(*values: Any) -> dict[str, Any]:
+        return event([values[0]], *split(values))
+
+    def delta(*values: Any) -> dict[str, Any]:
+        return event([piece(values[0], None)], *split(values))
+
+    def last(*values: Any) -> dict[str, Any]:
+        return {**dict(zip(keys, values[1:], strict=True)), "choices": [], "usage": values[0]}
+
+    return (
+        sse(choice, holes + len(keys)),
+        sse(delta, holes + len(keys)),
+        sse(last, 1 + len(keys)),
+    )
 
 
 class OllamaLines:

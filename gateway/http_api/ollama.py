@@ -39,7 +39,7 @@ from gateway.http_api.body import (
     tools,
 )
 from gateway.http_api.errors import HttpError, error_middleware, http_error
-from gateway.http_api.upstream import Upstream, relay_chat, reply_text
+from gateway.http_api.upstream import ChatStream, Upstream, relay_chat, reply_text
 
 PROTOCOL = "ollama"
 VERSION = "0.12.0"
@@ -324,7 +324,7 @@ class OllamaApi:
                 out += _line({**_with_calls(piece("", _now()), message.final), "done": False})
             return out + _line({**piece("", _now()), **_done(message.final)})
 
-        response = web.StreamResponse(
+        response = ChatStream(
             headers={"Content-Type": "application/x-ndjson", "X-Request-Id": call.request_id}
         )
         await response.prepare(request)

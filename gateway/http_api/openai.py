@@ -45,7 +45,7 @@ from gateway.http_api.body import (
     tools,
 )
 from gateway.http_api.errors import HttpError, error_middleware, http_error
-from gateway.http_api.upstream import Upstream, relay_chat, reply_text
+from gateway.http_api.upstream import ChatStream, Upstream, relay_chat, reply_text
 
 log = logging.getLogger(__name__)
 
@@ -477,12 +477,11 @@ class OpenAIApi:
                 out += chunks.usage(prompt_tokens, final.completion_tokens)
             return out
 
-        response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": call.request_id})
+        response = ChatStream(headers={**_SSE_HEADERS, "X-Request-Id": call.request_id})
         await response.prepare(request)
+        opening = b"" if shape.opening is None else chunks.choice(shape.opening, 0, 0)
         try:
-            if shape.opening is not None:
-                await response.write(chunks.choice(shape.opening, 0, 0))
-            await relay_chat(call, message, encode, response, end=_sse("[DONE]"))
+            await relay_chat(call, message, encode, response, start=opening, end=_sse("[DONE]"))
         except (grpc.aio.AioRpcError, DreamsightError) as error:  # headers sent: an error event
             body = _error_body(http_error(error, self._up.core.errors, request))
             await response.write(_sse(body))

@@ -57,28 +57,39 @@ TIMEOUT_HEADER = "X-Request-Timeout"
 """Seconds the caller will wait; it becomes the upstream gRPC deadline."""
 
 
+class ChatStream(web.StreamResponse):
+    """A streamed chat reply whose headers go out with its first bytes (one write
+    instead of two; the first message is already here when it starts)."""
+
+    _send_headers_immediately = False  # aiohttp's own switch (web.Response sets it too)
+
+
 async def relay_chat(
     call: MeteredCall[vision_pb2.ChatResponse],
     message: vision_pb2.ChatResponse | None,
     encode: Callable[[vision_pb2.ChatResponse], bytes],
     response: web.StreamResponse,
+    *,
+    start: bytes = b"",
     end: bytes = b"",
 ) -> None:
-    """Write a chat stream from message on, those already waiting (a client that
-    lags) in one write, then end: at the message carrying final the reply is
-    whole, so it ends for the client at once and the call is marked complete
-    (its bill follows the backend's own end, see MeteredCall.completed)."""
+    """Write a chat stream from start and message on, those already waiting (a
+    client that lags) in one write, then end the body: at the message carrying
+    final the reply is whole, so it ends for the client at once, in the same
+    write, and the call is marked complete (its bill follows the backend's own
+    end, see MeteredCall.completed)."""
+    data = start
     while message is not None:
         more = call.ready()
-        data = encode(message) + b"".join(map(encode, more))
+        data += encode(message) + b"".join(map(encode, more))
         if (more[-1] if more else message).HasField("final"):
             call.completed()
-            await response.write(data + end)
+            await response.write_eof(data + end)
             return
         await response.write(data)
+        data = b""
         message = await call.read()
-    if end:
-        await response.write(end)
+    await response.write_eof(data + end)
 
 
 def reply_text(messages: list[vision_pb2.ChatResponse]) -> str:

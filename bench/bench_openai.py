@@ -47,9 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dreamsight._up import place_beside
 from stack import GatewayProcess, free_port, histogram, wait_grpc_serving
 
 from dreamsight_server import grpc_core
+from vision_service.placement import keep_off_workers
 
 ENGINE = ["--max-model-len", "2048", "--max-num-seqs", "16", "--enforce-eager"]
 ENGINE += ["--dtype", "float32"]
@@ -194,6 +196,13 @@ def main() -> None:
         help="run vLLM's server with its engine statistics off (ours keeps them on: its "
         "queue-depth gauge needs them), instead of the same engine settings on both sides",
     )
+    parser.add_argument(
+        "--vllm-placed",
+        action="store_true",
+        help="also move vLLM's server and its engine core off its CPU worker's cores, as "
+        "the vision service moves itself (vision_service/placement.py), instead of leaving "
+        "them where vLLM leaves them",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -242,7 +251,11 @@ def main() -> None:
             wait_grpc_serving(path.gateway.vision_port, procs[name])
             keys[name] = path.gateway.serving()
         keys["vllm"] = keys["ours"]  # vLLM's server takes any key
+        for name, path in ours.items():  # as dreamsight up places it: beside the vision service
+            place_beside(path.gateway.running.pid, procs[name].pid)
         _wait_http(f"{sides['vllm']}/v1/models", procs["vllm"])
+        if args.vllm_placed:
+            print(f"vLLM's server placed on cores {keep_off_workers(procs['vllm'].pid)}")
         for name, url in sides.items():  # warm-up
             _vllm_bench(url, model, 4, 8, workdir / f"warm-{name}.json", keys[name])
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import grpc
+import psutil  # type: ignore[import-untyped]
 import pytest
 from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +39,15 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
             health_pb2.HealthCheckResponse.NOT_SERVING,
             health_pb2.HealthCheckResponse.SERVING,
         }
+        # Placed once its engine was up: off the core vLLM bound its CPU worker to.
+        tree = psutil.Process(service.proc.pid).children(recursive=True)
+        workers = [p for p in tree if "Worker" in " ".join(p.cmdline()[:1])]
+        assert workers, [p.cmdline()[:1] for p in tree]
+        taken = set().union(*(p.cpu_affinity() for p in workers))
+        assert taken < os.sched_getaffinity(0)
+        for process in [psutil.Process(service.proc.pid), *tree]:
+            if process not in workers:
+                assert not set(process.cpu_affinity()) & taken, process.cmdline()[:1]
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
 

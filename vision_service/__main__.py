@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     lifecycle.main(
         "vision",
         lambda: only_the_gateway(parse_settings(argv)),
-        start_service,
+        lambda settings: start_service(settings, own_process=True),
         prepare=lambda _: torch_compat.install(),
     )
 

@@ -69,6 +69,11 @@ class VisionSettings:
         "of --max-model-len",
         minimum=0,
     )
+    place_off_workers: bool = setting(
+        True,
+        "on a CPU-only machine, once the engine is up, run this service and vLLM's engine "
+        "core on the cores no CPU worker is bound to (see vision_service/placement.py)",
+    )
     max_stop_strings: int = 16
     gateway_secret: str = gateway_secret_setting()
     trust_any_caller: bool = trust_any_caller_setting()

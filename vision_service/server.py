@@ -12,6 +12,7 @@ from dreamsight_server.errors import ErrorTable
 from dreamsight_server.lanes import LaneServer
 from dreamsight_server.lifecycle import GrpcServer
 from dreamsight_server.metering import settled_handlers
+from vision_service import placement
 from vision_service.config import VisionSettings
 from vision_service.engine import VllmChatEngine
 from vision_service.metrics import VisionMetrics
@@ -30,6 +31,9 @@ class VisionService:
     engine: VllmChatEngine
     metrics: VisionMetrics
     lanes: LaneServer
+    own_process: bool = False
+    """Whether it runs as its own process (python -m vision_service), which it
+    may then place on the machine's cores (vision_service/placement.py)."""
 
     @property
     def port(self) -> int:
@@ -39,6 +43,8 @@ class VisionService:
     async def load(self) -> None:
         """Load the model, then report SERVING."""
         await self.engine.start()
+        if self.own_process and self.settings.place_off_workers:
+            placement.keep_off_workers()
         await self.server.set_serving(True)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -49,9 +55,13 @@ class VisionService:
 
 
 async def start_service(
-    settings: VisionSettings, registry: CollectorRegistry | None = None
+    settings: VisionSettings,
+    registry: CollectorRegistry | None = None,
+    *,
+    own_process: bool = False,
 ) -> VisionService:
-    """Start serving (NOT_SERVING) without loading the model yet."""
+    """Start serving (NOT_SERVING) without loading the model yet; own_process:
+    the service is the process (its entry point), not a part of another one."""
     registry = registry or CollectorRegistry()
     metrics = VisionMetrics(registry)
     errors = ErrorTable()
@@ -72,4 +82,4 @@ async def start_service(
         (settled_handlers("VisionService", {"Chat": chat}, errors, device_share), lanes.handler())
     )
     await server.start()
-    return VisionService(settings, server, engine, metrics, lanes)
+    return VisionService(settings, server, engine, metrics, lanes, own_process)

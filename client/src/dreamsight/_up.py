@@ -216,11 +216,31 @@ def start(
             _wait_serving(name, port, stack, timeout=600)
             if not quiet:
                 print(f"  {name:9} serving on 127.0.0.1:{port}", file=sys.stderr)
+        place_beside(stack.processes["gateway"].pid, stack.processes["vision"].pid)
         stack.api_key = _demo_key(stack)
     except BaseException:
         stack.stop(grace_s=5)
         raise
     return stack
+
+
+def place_beside(pid: int, beside: int) -> None:
+    """Run process pid (every thread; those started later inherit it) on the cores
+    process beside runs on, when it keeps to fewer than this machine's: the vision
+    service moves itself off vLLM's CPU workers' cores once its engine is up
+    (vision_service/placement.py), and the gateway, whose streams it feeds, goes
+    with it. Linux only; elsewhere, or if either process is gone, nothing moves."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        cores = os.sched_getaffinity(beside)
+        if cores == os.sched_getaffinity(0):
+            return
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setaffinity(int(tid), cores)
+    except OSError:
+        return
 
 
 def _install_demo_models(targets: list[str], env: dict[str, str], quiet: bool) -> None:

@@ -78,7 +78,7 @@ class Gateway:
         for channel in self.channels:
             await channel.close(grace=None)
         await self.core.limiter.close()
-        self.store.close()
+        await self.store.aclose()
 
 
 def build_limiter(settings: GatewaySettings) -> Limiter:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -146,6 +147,7 @@ class SqlStore:
 
             self._conn: Any = psycopg.connect(database, autocommit=True)
             self._placeholder = "%s"
+            self.unavailable: tuple[type[Exception], ...] = (psycopg.OperationalError,)
         else:
             if database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +155,9 @@ class SqlStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._placeholder = "?"
+            self.unavailable = (sqlite3.OperationalError,)
+            """What the driver raises when the database itself fails (locked, gone,
+            out of space), as opposed to one statement's data."""
         for statement in _SCHEMA:
             self._execute(statement)
         if "estimated" not in self._columns("gpu_ledger"):
@@ -262,10 +267,11 @@ class SqlStore:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite may have rolled back by itself
+                self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
 
     def usage_since(self, tenant: str, since: float) -> float:
         """GPU-seconds the tenant used since a time."""
@@ -326,10 +332,12 @@ class AsyncStore:
     """Runs a :class:`SqlStore` on one dedicated thread.
 
     Bills are written in groups: the bills that come while one write is under
-    way go together in the next (one transaction, one trip to the thread), so
-    a busy gateway writes its ledger in fewer, larger transactions instead of
-    queueing one trip per call behind the others (each bill is still durable
-    before its caller goes on)."""
+    way go together in the next (one transaction, one trip to the thread, up to
+    BILLS_PER_WRITE), so a busy gateway writes its ledger in fewer, larger
+    transactions instead of queueing one trip per call behind the others (each
+    bill is still durable before its caller goes on)."""
+
+    BILLS_PER_WRITE = 256
 
     def __init__(self, store: SqlStore) -> None:
         self.sync = store
@@ -347,23 +355,17 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
         self._bills.append((bill, done))
-        if self._writing is None:
-            self._writing = loop.create_task(self._write_bills())
+        if self._writing is None:  # in a context of its own, not the first caller's
+            self._writing = loop.create_task(self._write_bills(), context=contextvars.Context())
         return await done
 
     async def _write_bills(self) -> None:
         batch: list[tuple[Bill, asyncio.Future[bool]]] = []
         try:
             while self._bills:
-                batch, self._bills = self._bills, []
-                bills = [bill for bill, _ in batch]
-                try:
-                    outcomes: list[bool | Exception] = list(
-                        await self.run(self.sync.record_usages, bills)
-                    )
-                except Exception as error:
-                    # One bad bill must not cost the others theirs: each on its own.
-                    outcomes = [error] if len(bills) == 1 else await self.run(self._each, bills)
+                batch = self._bills[: self.BILLS_PER_WRITE]
+                del self._bills[: self.BILLS_PER_WRITE]
+                outcomes = await self._write(batch)
                 for (_, done), outcome in zip(batch, outcomes, strict=True):
                     if done.done():
                         continue
@@ -374,9 +376,28 @@ class AsyncStore:
                 batch = []
         finally:
             self._writing = None
+            stopped = RuntimeError("the ledger's writer stopped before this bill was written")
             for _, done in batch + self._bills:  # only if this task itself was cancelled
-                done.cancel()
+                if not done.done():
+                    done.set_exception(stopped)
             self._bills = []
+
+    async def _write(
+        self, batch: list[tuple[Bill, asyncio.Future[bool]]]
+    ) -> list[bool | Exception]:
+        bills = [bill for bill, _ in batch]
+        try:
+            return list(await self.run(self.sync.record_usages, bills))
+        except self.sync.unavailable as error:  # the database failed: each would too
+            return [error] * len(bills)
+        except Exception as error:
+            if len(bills) == 1:
+                return [error]
+        # One bad bill must not cost the others theirs: each on its own.
+        try:
+            return await self.run(self._each, bills)
+        except Exception as error:
+            return [error] * len(bills)
 
     def _each(self, bills: list[Bill]) -> list[bool | Exception]:
         outcomes: list[bool | Exception] = []
@@ -386,6 +407,12 @@ class AsyncStore:
             except Exception as error:
                 outcomes.append(error)
         return outcomes
+
+    async def aclose(self) -> None:
+        """Write the bills still waiting, then close (the gateway's last step)."""
+        while self._writing is not None:
+            await asyncio.shield(self._writing)
+        self.close()
 
     def close(self) -> None:
         """Finish pending work and close the connection."""

@@ -720,3 +720,40 @@ async def test_a_lagging_client_gets_the_waiting_chunks_in_one_write_byte_for_by
     assert json.loads(lines[-1])["done"] is True
     await no_slots_held(fake_gateway, "laggard")
     assert fake_gateway.store.sync.usage_entries("laggard", 0)[-1].gpu_seconds == 0.5
+
+
+async def test_a_stream_of_n_deltas_takes_at_most_n_plus_1_socket_writes(
+    fake_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers, the opening chunk and the first delta go in one write; the last
+    chunk, [DONE] (or Ollama's done line) and the body's end in another."""
+    from aiohttp import http_writer, web_protocol
+
+    key = await new_key(fake_gateway, "writes", "pro")
+    writes = 0
+    write, writelines = http_writer.StreamWriter._write, http_writer.StreamWriter._writelines
+
+    def counted(original: Any) -> Any:
+        def spy(self: http_writer.StreamWriter, data: Any) -> None:
+            nonlocal writes
+            if isinstance(self._protocol, web_protocol.RequestHandler):  # the gateway's side
+                writes += 1
+            original(self, data)
+
+        return spy
+
+    monkeypatch.setattr(http_writer.StreamWriter, "_write", counted(write))
+    monkeypatch.setattr(http_writer.StreamWriter, "_writelines", counted(writelines))
+    url = f"http://127.0.0.1:{fake_gateway.http_port}"
+    message = {"role": "user", "content": "steps:6:20"}  # a delta every 20 ms: none coalesce
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+        body = {"model": "fake", "messages": [message], "stream": True}
+        async with session.post(f"{url}/v1/chat/completions", json=body) as reply:
+            events = (await reply.read()).split(b"\n\n")[:-1]
+        sse_writes, writes = writes, 0
+        async with session.post(f"{url}/api/chat", json={**body, "stream": True}) as reply:
+            lines = (await reply.read()).splitlines()
+    assert len(events) == 1 + 6 + 1 + 1  # opening, deltas, finish, [DONE]
+    assert sse_writes <= 6 + 1
+    assert len(lines) == 6 + 1 and writes <= 6 + 1
+    await no_slots_held(fake_gateway, "writes")

@@ -70,8 +70,10 @@ async def test_a_failing_store_fails_each_waiting_bill_and_the_next_write_works(
 ) -> None:
     write = store.sync.record_usages
     failing = True
+    tries: list[int] = []
 
     def flaky(bills: Sequence[Bill]) -> list[bool]:
+        tries.append(len(bills))
         if failing:
             raise sqlite3.OperationalError("disk I/O error")
         return write(bills)
@@ -81,6 +83,7 @@ async def test_a_failing_store_fails_each_waiting_bill_and_the_next_write_works(
         *(store.record_usage(bill(f"lost-{i}")) for i in range(3)), return_exceptions=True
     )
     assert all(isinstance(o, sqlite3.OperationalError) for o in outcomes)
+    assert tries == [3]  # the database failed: no bill was tried again on its own
     failing = False
     assert await store.record_usage(bill("after"))
     assert await store.record_usage(bill("lost-0"))  # never written: billable now
@@ -93,3 +96,26 @@ async def test_a_caller_that_stops_waiting_is_still_billed(store: AsyncStore) ->
     waiting.cancel()
     assert await store.record_usage(bill("next"))
     assert store.sync.total_usage() == (2, 2.0)
+
+
+async def test_a_write_takes_at_most_bills_per_write(
+    store: AsyncStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = spy_batches(store, monkeypatch)
+    monkeypatch.setattr(store, "BILLS_PER_WRITE", 4)
+    assert all(await asyncio.gather(*(store.record_usage(bill(f"c{i}")) for i in range(10))))
+    assert sizes == [4, 4, 2]
+
+
+async def test_closing_writes_the_bills_still_waiting(tmp_path: Path) -> None:
+    path = str(tmp_path / "closing.sqlite3")
+    store = AsyncStore(SqlStore(path))
+    waiting = [asyncio.ensure_future(store.record_usage(bill(f"late-{i}"))) for i in range(3)]
+    await asyncio.sleep(0)  # queued, the writer started, nothing written yet
+    await store.aclose()
+    assert [w.result() for w in waiting] == [True] * 3
+    reopened = SqlStore(path)
+    try:
+        assert reopened.total_usage() == (3, 3.0)
+    finally:
+        reopened.close()

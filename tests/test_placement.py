@@ -16,17 +16,26 @@ from collections.abc import Iterator
 
 import psutil  # type: ignore[import-untyped]
 import pytest
-
 from dreamsight._up import place_beside
+
 from vision_service.placement import keep_off_workers
 
 CORES = sorted(os.sched_getaffinity(0))
 SLEEPER = "import time; time.sleep(60)"
-# A parent with two children: an engine core and a worker (bound as vLLM binds it).
+# A worker whose second thread binds itself to the last core, as an OpenMP
+# runtime binds each of a worker's threads to a core of its own.
+OMP_WORKER = (
+    "import os, threading, time; "
+    f"threading.Thread(target=lambda: (os.sched_setaffinity(0, {{{CORES[-1]}}}), "
+    "time.sleep(60))).start(); time.sleep(60)"
+)
+# A parent with two children: an engine core and a worker (bound as vLLM binds
+# it: argv 1 its cores, argv 2 its program).
 TREE = f"""
 import os, subprocess, sys, time
 core = subprocess.Popen([sys.executable, "-c", {SLEEPER!r}])
-worker = subprocess.Popen(["bash", "-c", "exec -a VLLM::Worker {sys.executable} -c '{SLEEPER}'"])
+title = 'exec -a VLLM::Worker "$0" -c "$1"'
+worker = subprocess.Popen(["bash", "-c", title, sys.executable, sys.argv[2]])
 time.sleep(0.5)  # until bash has become the worker
 os.sched_setaffinity(worker.pid, set(map(int, sys.argv[1].split(","))))
 print(core.pid, worker.pid, flush=True)
@@ -43,10 +52,12 @@ def cores_of(pid: int) -> set[int]:
 
 @pytest.fixture
 def tree(request: pytest.FixtureRequest) -> Iterator[tuple[int, int, int]]:
-    """(parent, engine core, worker) pids; the worker on the cores given by the test."""
-    worker_cores = ",".join(map(str, request.param))
+    """(parent, engine core, worker) pids; the worker's cores and program given by the test."""
+    cores, program = request.param
     parent = subprocess.Popen(
-        [sys.executable, "-c", TREE, worker_cores], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", TREE, ",".join(map(str, cores)), program],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert parent.stdout is not None
@@ -67,7 +78,7 @@ def test_the_machine_has_cores_to_share() -> None:
     assert len(CORES) >= 2, "these tests need two cores (CI and the dev box have them)"
 
 
-@pytest.mark.parametrize("tree", [CORES[:1]], indirect=True)
+@pytest.mark.parametrize("tree", [(CORES[:1], SLEEPER)], indirect=True)
 def test_front_end_and_engine_core_move_off_the_workers_cores(
     tree: tuple[int, int, int],
 ) -> None:
@@ -79,8 +90,11 @@ def test_front_end_and_engine_core_move_off_the_workers_cores(
     assert cores_of(worker) == set(CORES[:1])  # the worker keeps its own
 
 
-@pytest.mark.parametrize("tree", [CORES], indirect=True)
+@pytest.mark.parametrize(
+    "tree", [(CORES, SLEEPER), (CORES[:1], OMP_WORKER)], ids=["bound", "threads"], indirect=True
+)
 def test_nothing_moves_when_the_workers_cover_every_core(tree: tuple[int, int, int]) -> None:
+    """Bound to every core, or its threads on every core between them."""
     parent, core, _ = tree
     assert keep_off_workers(parent) is None
     assert cores_of(parent) == set(CORES)

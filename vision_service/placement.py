@@ -38,12 +38,26 @@ def _is_worker(process: psutil.Process) -> bool:
     return False
 
 
+def _threads(pid: int) -> list[int]:
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+def cores_of(pid: int) -> set[int]:
+    """The cores any thread of process pid may run on (OpenMP runtimes bind each
+    of a worker's threads to a core of its own, its main thread to the first)."""
+    cores: set[int] = set()
+    for tid in _threads(pid):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            cores |= os.sched_getaffinity(tid)
+    return cores
+
+
 def pin(pid: int, cores: Iterable[int]) -> None:
     """Run every thread of process pid on these cores only."""
     cores = set(cores)
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for tid in _threads(pid):
         with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-            os.sched_setaffinity(int(tid), cores)
+            os.sched_setaffinity(tid, cores)
 
 
 def keep_off_workers(root: int | None = None) -> set[int] | None:
@@ -57,7 +71,7 @@ def keep_off_workers(root: int | None = None) -> set[int] | None:
         tree = [top, *top.children(recursive=True)]
         workers = [p for p in tree if _is_worker(p)]
         allowed = set(os.sched_getaffinity(top.pid))
-        taken = set().union(*(p.cpu_affinity() for p in workers)) if workers else set()
+        taken = set().union(*(cores_of(p.pid) for p in workers))
         free = allowed - taken
         if not workers or not free or taken >= allowed:
             return None

@@ -43,7 +43,7 @@ class VisionService:
     async def load(self) -> None:
         """Load the model, then report SERVING."""
         await self.engine.start()
-        if self.own_process and self.settings.place_off_workers:
+        if self.own_process and self.settings.place_off_workers and self.engine.on_cpu:
             placement.keep_off_workers()
         await self.server.set_serving(True)
 

@@ -11,9 +11,12 @@ vLLM's off for the comparison with its leanest setting):
 - **ours**: the path an OpenAI-compatible user takes, as ``dreamsight up``
   starts it: HTTP ``/v1`` on the gateway (its own process, a key on a tier
   that admits the whole load), then the vision service (its own process, with
-  the backend secret), then vLLM;
+  the backend secret), then vLLM; the vision service moves itself and vLLM's
+  engine core off vLLM's CPU worker's cores once loaded, and the gateway goes
+  beside it, as under ``dreamsight up`` (vision_service/placement.py);
 - **vllm**: vLLM's own OpenAI server (``python -m
-  vllm.entrypoints.openai.api_server``).
+  vllm.entrypoints.openai.api_server``), where vLLM places it
+  (``--vllm-placed``: moved as ours is).
 
 Both are driven by ``vllm bench serve --backend openai-chat`` from the
 project's virtualenv (random dataset, 32 prompt tokens and up to 32 out,

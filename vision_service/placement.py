@@ -6,9 +6,9 @@ back "for the serving framework"), while the front end that streams the
 replies and vLLM's engine core that schedules the steps are left wherever the
 kernel puts them, which is on a worker's core whenever theirs is busy: the
 worker's model step then waits. Measured with ``make bench-openai`` on two
-cores (docs/benchmarks.md), moving them onto the cores no worker is bound to
-cut the engine core's CPU per token by a fifth and raised tokens/s by about
-6% at 8 and 16 concurrent requests.
+cores (docs/benchmarks.md, tenth round), moving them onto the cores no worker
+is bound to cut the engine core's CPU per token by 20-30% and raised tokens/s
+by about 6% at 8 and 16 concurrent requests.
 
 So once the engine is up, :func:`keep_off_workers` moves this process (every
 thread: those started later inherit it) and every process under it that is

@@ -18,6 +18,7 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 from dreamsight._up import place_beside
 
+from vision_service.placement import cores_of as worker_cores
 from vision_service.placement import keep_off_workers
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -63,8 +64,11 @@ def tree(request: pytest.FixtureRequest) -> Iterator[tuple[int, int, int]]:
         assert parent.stdout is not None
         core, worker = map(int, parent.stdout.readline().split())
         deadline = time.monotonic() + 10
-        while "Worker" not in " ".join(psutil.Process(worker).cmdline()[:1]):
-            assert time.monotonic() < deadline, "the worker never took its title"
+        spread = set(CORES) if program == OMP_WORKER else set(cores)  # its threads, bound
+        while "Worker" not in " ".join(psutil.Process(worker).cmdline()[:1]) or (
+            worker_cores(worker) != spread
+        ):
+            assert time.monotonic() < deadline, "the worker never took its title and cores"
             time.sleep(0.05)
         yield parent.pid, core, worker
     finally:

@@ -32,11 +32,9 @@ from pathlib import Path
 
 import aiohttp
 import psutil  # type: ignore[import-untyped]
+from stack import GatewayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from stack import GatewayProcess  # noqa: E402
 
 
 def _backend(env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:

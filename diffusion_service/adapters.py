@@ -163,8 +163,6 @@ class AdapterSlots:
         self._queue: list[tuple[object, str | None]] = []
         """Waiting (ticket, key) in arrival order; key None is an unload."""
         self.switches = 0
-        self.hotswaps = 0
-        """Adapters loaded by hot-swapping into an outgoing one's slot."""
 
     @contextmanager
     def use(
@@ -277,7 +275,6 @@ class AdapterSlots:
                 pipe.delete_adapters(name)
             else:
                 _keep_swapped_scaling(pipe.unet, name)
-                self.hotswaps += 1
                 self._on_load("hot_swap")
                 return _Slot(adapter, name, shapes)
         name = next(self._names)

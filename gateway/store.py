@@ -148,6 +148,8 @@ class SqlStore:
             self._conn: Any = psycopg.connect(database, autocommit=True)
             self._placeholder = "%s"
             self.unavailable: tuple[type[Exception], ...] = (psycopg.OperationalError,)
+            """What the driver raises when the database itself fails (locked, gone,
+            out of space), as opposed to one statement's data."""
         else:
             if database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +158,6 @@ class SqlStore:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._placeholder = "?"
             self.unavailable = (sqlite3.OperationalError,)
-            """What the driver raises when the database itself fails (locked, gone,
-            out of space), as opposed to one statement's data."""
         for statement in _SCHEMA:
             self._execute(statement)
         if "estimated" not in self._columns("gpu_ledger"):

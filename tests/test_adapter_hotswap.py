@@ -110,7 +110,7 @@ def test_hot_swapped_adapters_draw_what_they_draw_alone(tmp_path: Path) -> None:
         with slots.use(adapters[name]):
             image = draw(base)
         assert np.array_equal(image, expected[name]), name
-        assert slots.hotswaps == swaps, name
+        assert loads.count("hot_swap") == swaps, name
         assert slots.loaded() == [adapters[name].source]
         with slots.use(None):
             assert np.array_equal(draw(base), base_image), f"the base after {name}"
@@ -123,11 +123,12 @@ def test_a_full_cache_swaps_into_the_least_recently_used_slot(tmp_path: Path) ->
         write_adapter(base, tmp_path / str(i), 10 + i, 4, 4.0 * (i + 1), ATTENTION, text=False)
         for i in range(3)
     ]
-    slots = AdapterSlots(base, max_count=2, max_bytes=2**30)
+    loads: list[str] = []
+    slots = AdapterSlots(base, max_count=2, max_bytes=2**30, on_load=loads.append)
     for ref in (refs[0], refs[1], refs[0], refs[2]):  # refs[1] is the least recently used
         with slots.use(ref):
             pass
-    assert slots.hotswaps == 1
+    assert loads == ["fresh", "fresh", "hot_swap"]
     assert slots.loaded() == [refs[0].source, refs[2].source]
     for ref in (refs[2], refs[0]):
         with slots.use(ref):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ class Budgets:
         cached = self._used.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        used = await self._store.run(self._store.sync.usage_since, tenant, now - window.seconds)
+        used = await self._store.usage_since(tenant, now - window.seconds)
         self._used[key] = (now + self._cache_ttl_s, used)
         return used
 
@@ -95,20 +96,44 @@ class Budgets:
     ) -> bool:
         """Bill a computation once per ledger id (the gateway's own id of a call or
         job; the caller's request id is only traced); False if already billed."""
-        billed = await self._store.record_usage(
-            Bill(
-                ledger_id,
-                caller.tenant,
-                caller.tier,
-                service,
-                gpu_seconds,
-                time.time(),
-                request_id,
-                estimated,
-            )
+        return await self.charge(ledger_id, caller, service, gpu_seconds, request_id, estimated)
+
+    def charge(
+        self,
+        ledger_id: str,
+        caller: Caller,
+        service: str,
+        gpu_seconds: float,
+        request_id: str = "",
+        estimated: bool = False,
+    ) -> asyncio.Future[bool]:
+        """Bill a computation: it counts against the tenant's windows on this
+        replica at once, and its ledger row goes in the store's next group write;
+        the future says once it is written (False: the ledger id was already
+        billed, and it counts no more)."""
+        bill = Bill(
+            ledger_id,
+            caller.tenant,
+            caller.tier,
+            service,
+            gpu_seconds,
+            time.time(),
+            request_id,
+            estimated,
         )
-        if billed:  # this replica sees its own billing at once
-            for key, (expires, used) in list(self._used.items()):
-                if key[0] == caller.tenant:
-                    self._used[key] = (expires, used + gpu_seconds)
-        return billed
+        written = self._store.queue_usage(bill)
+        self._count(caller.tenant, gpu_seconds)
+
+        def billed_before(done: asyncio.Future[bool]) -> None:
+            if not done.cancelled() and done.exception() is None and not done.result():
+                self._count(caller.tenant, -gpu_seconds)
+
+        written.add_done_callback(billed_before)
+        return written
+
+    def _count(self, tenant: str, gpu_seconds: float) -> None:
+        """This replica sees its own billing at once (other replicas within the
+        cache's TTL, from the ledger)."""
+        for key, (expires, used) in list(self._used.items()):
+            if key[0] == tenant:
+                self._used[key] = (expires, used + gpu_seconds)

@@ -238,14 +238,18 @@ class GatewayCore:
         *,
         estimated: bool = False,
     ) -> None:
-        """Bill the call's GPU-seconds once, count it, then release its allowance and
+        """Bill the call's GPU-seconds once, count it, release its allowance and
         slot (callers of metered calls finish only after the backend's work
-        stopped). The bill lands before the slot moves on, so the next call's
-        allowance sees what this one spent."""
+        stopped), then wait for the bill's ledger row. The bill counts against
+        the tenant's windows before the slot moves on, so the next call's
+        allowance sees what this one spent; the slot does not wait for the
+        ledger's write (a busy store would hold slots of calls long over, and
+        a tenant's next requests would be refused)."""
         if admission.finished:
             return
         admission.finished = True
         tier = admission.tier.name
+        written: asyncio.Future[bool] | None = None
         try:
             self.metrics.requests.labels(
                 admission.service, admission.method, code.name, tier, admission.protocol
@@ -254,7 +258,14 @@ class GatewayCore:
                 time.monotonic() - admission.started
             )
             if gpu_seconds is not None and gpu_seconds > 0:
-                await self._bill(admission, gpu_seconds, estimated)
+                written = self.budgets.charge(
+                    admission.ledger_id,
+                    admission.caller,
+                    admission.service,
+                    gpu_seconds,
+                    admission.request_id,
+                    estimated,
+                )
         finally:
             reserved = self._reserved.get(admission.caller.tenant)
             if reserved is not None:
@@ -265,19 +276,16 @@ class GatewayCore:
             if admission.lease is not None:
                 self.metrics.in_flight.labels(tier).dec()
                 await self.limiter.release(admission.lease)
+        if written is not None:
+            await self._billed(admission, written, gpu_seconds or 0.0)
 
-    async def _bill(self, admission: Admission, gpu_seconds: float, estimated: bool) -> None:
-        tier = admission.tier.name
+    async def _billed(
+        self, admission: Admission, written: asyncio.Future[bool], gpu_seconds: float
+    ) -> None:
+        """Wait for the bill's ledger row; count it, or say loudly what was not billed."""
         try:
-            billed = await self.budgets.record(
-                admission.ledger_id,
-                admission.caller,
-                admission.service,
-                gpu_seconds,
-                admission.request_id,
-                estimated,
-            )
-        except Exception:  # the call is over either way; say loudly what was not billed
+            billed = await written
+        except Exception:  # the call is over either way
             self.metrics.billing_failures.inc()
             log.exception(
                 "could not bill %s (%s, %.6f GPU-s)",
@@ -287,7 +295,7 @@ class GatewayCore:
             )
             return
         if billed:
-            self.metrics.gpu_seconds.labels(tier, admission.service).inc(gpu_seconds)
+            self.metrics.gpu_seconds.labels(admission.tier.name, admission.service).inc(gpu_seconds)
         else:
             log.info("request %s was already billed", admission.ledger_id)
 

@@ -352,12 +352,29 @@ class AsyncStore:
     async def record_usage(self, bill: Bill) -> bool:
         """Bill a computation once (with whatever other bills are waiting); False
         when its ledger id was already billed."""
+        return await self.queue_usage(bill)
+
+    def queue_usage(self, bill: Bill) -> asyncio.Future[bool]:
+        """Put a bill in the next group write; the future says once it is written
+        (False: its ledger id was already billed)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
         self._bills.append((bill, done))
         if self._writing is None:  # in a context of its own, not the first caller's
             self._writing = loop.create_task(self._write_bills(), context=contextvars.Context())
-        return await done
+        return done
+
+    async def usage_since(self, tenant: str, since: float) -> float:
+        """GPU-seconds billed to tenant since (Unix time), the bills still waiting
+        for their write included. The store's one thread runs the read after the
+        group being written now and before the bills still waiting, which are
+        counted here instead, so each bill counts once."""
+        waiting = sum(
+            bill.gpu_seconds
+            for bill, _ in self._bills
+            if bill.tenant == tenant and bill.at >= since
+        )
+        return waiting + await self.run(self.sync.usage_since, tenant, since)
 
     async def _write_bills(self) -> None:
         batch: list[tuple[Bill, asyncio.Future[bool]]] = []

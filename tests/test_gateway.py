@@ -26,6 +26,7 @@ from tests.gateway_helpers import (
     no_slots_held,
 )
 from tests.metrics_scrape import metrics_text
+from tests.test_ledger_groups import blocked_writes
 
 
 @pytest.fixture
@@ -281,6 +282,43 @@ async def test_budget_window_refuses_at_once_and_ledger_survives_restart(
         assert five_hours.reset_time.seconds > 0
     finally:
         await restarted.stop(0)
+
+
+async def test_a_slow_ledger_holds_no_slot_and_its_bills_still_count(
+    tmp_path: Path, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slot comes back once the bill counts, not once its ledger row is
+    written: a busy store held the slots of calls long over, and a tenant with
+    16 requests open was refused at a limit of 64."""
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text("tiers:\n  one: {concurrent_requests: 1, windows: {5h: 1.0}}\n")
+    gw = await gateway_for(tmp_path, backend.port, tiers_file=str(tiers), queue_length=0)
+    entered, release = blocked_writes(gw.store, monkeypatch)
+    try:
+        key = await new_key(gw, "steady", "one")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
+            calls = [asyncio.ensure_future(collect(ch, "hi", bearer(key)))]  # 0.5 GPU-s
+            await asyncio.to_thread(entered.wait, 30)  # its row is being written, slowly
+            await no_slots_held(gw, "steady")
+            calls.append(asyncio.ensure_future(collect(ch, "hi", bearer(key))))  # no queue
+            while backend.impl.finished < 2:
+                await asyncio.sleep(0.01)
+            await no_slots_held(gw, "steady")
+            assert not any(c.done() for c in calls)  # gRPC replies end once their rows are in
+            refused = asyncio.ensure_future(collect(ch, "hi", bearer(key)))  # 1.0 of 1.0
+            await asyncio.sleep(0.1)
+            release.set()
+            replies = await asyncio.gather(*calls)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await refused
+        assert all(r[-1].WhichOneof("event") == "final" for r in replies)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "5h window" in (caught.value.details() or "")
+        assert backend.impl.peak["steady"] == 1
+        assert gw.store.sync.total_usage() == pytest.approx((2, 1.0))
+    finally:
+        release.set()
+        await gw.stop(0)
 
 
 async def test_get_usage_reports_in_flight(gateway: Gateway, channel: grpc.aio.Channel) -> None:

@@ -1,18 +1,23 @@
 """The ledger's group writes (gateway.store.AsyncStore.record_usage): bills
 that wait while a write is under way go together in one transaction, each is
-still billed once, and one bad bill costs no other bill its row."""
+still billed once, one bad bill costs no other bill its row, and a bill waiting
+for its write already counts in the tenant's windows."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
+from gateway.budgets import Budgets
+from gateway.keys import Caller
 from gateway.store import AsyncStore, Bill, SqlStore
+from gateway.tiers import Tier, Window
 
 
 @pytest.fixture
@@ -119,3 +124,44 @@ async def test_closing_writes_the_bills_still_waiting(tmp_path: Path) -> None:
         assert reopened.total_usage() == (3, 3.0)
     finally:
         reopened.close()
+
+
+def blocked_writes(
+    store: AsyncStore, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """(entered, release): the store's thread stops in its next write, says so on
+    entered, and writes once release is set."""
+    entered, release = threading.Event(), threading.Event()
+    write = store.sync.record_usages
+
+    def held(bills: Sequence[Bill]) -> list[bool]:
+        entered.set()
+        release.wait(30)
+        return write(bills)
+
+    monkeypatch.setattr(store.sync, "record_usages", held)
+    return entered, release
+
+
+async def test_bills_waiting_for_their_write_count_once_in_the_windows(
+    store: AsyncStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = blocked_writes(store, monkeypatch)
+    budgets = Budgets(store, cache_ttl_s=0.0)  # every check reads the ledger
+    caller = Caller("k", "t", "pro")
+    tier = Tier("pro", 3, 0, (Window("5h", 5 * 3600, 10.0),))
+    try:
+        first = budgets.charge("first", caller, "VisionService", 1.0)  # being written
+        await asyncio.to_thread(entered.wait, 30)
+        second = budgets.charge("second", caller, "VisionService", 0.5)  # waits its turn
+        remaining = asyncio.ensure_future(budgets.remaining(caller, tier))
+        await asyncio.sleep(0.05)  # the read is behind the first write
+        release.set()
+        assert await remaining == pytest.approx(8.5)  # first from its row, second waiting
+        assert await first and await second
+        assert await budgets.remaining(caller, tier) == pytest.approx(8.5)
+        again = budgets.charge("first", caller, "VisionService", 1.0)  # the same computation
+        assert not await again
+        assert await budgets.remaining(caller, tier) == pytest.approx(8.5)
+    finally:
+        release.set()

@@ -11,10 +11,9 @@ vLLM's off for the comparison with its leanest setting):
 - **ours**: the path an OpenAI-compatible user takes, as ``dreamsight up``
   starts it: HTTP ``/v1`` on the gateway (its own process, a key on a tier
   that admits the whole load), then the vision service (its own process, with
-  the backend secret), then vLLM; the vision service moves itself off vLLM's
-  CPU worker's cores once loaded (and vLLM's engine core with it, or beside
-  the worker where one core is left), and the gateway goes beside it, as under
-  ``dreamsight up`` (vision_service/placement.py);
+  the backend secret), then vLLM; the vision service moves itself and vLLM's
+  engine core off vLLM's CPU worker's cores once loaded, and the gateway goes
+  beside it, as under ``dreamsight up`` (vision_service/placement.py);
 - **vllm**: vLLM's own OpenAI server (``python -m
   vllm.entrypoints.openai.api_server``), where vLLM places it
   (``--vllm-placed``: moved as ours is).
@@ -203,8 +202,8 @@ def main() -> None:
     parser.add_argument(
         "--vllm-placed",
         action="store_true",
-        help="also place vLLM's server and its engine core as the vision service places "
-        "itself and its engine core (vision_service/placement.py), instead of leaving "
+        help="also move vLLM's server and its engine core off its CPU worker's cores, as "
+        "the vision service moves itself (vision_service/placement.py), instead of leaving "
         "them where vLLM leaves them",
     )
     args = parser.parse_args()

@@ -1,12 +1,10 @@
-"""Placement on a CPU-only machine: the vision service off the cores vLLM's CPU
-workers are bound to, vLLM's engine core with it or, where that leaves one
-core, beside the first worker (vision_service/placement.py), and the gateway
-beside the vision service (dreamsight up).
+"""Placement on a CPU-only machine: the vision service and vLLM's engine core
+off the cores vLLM's CPU workers are bound to (vision_service/placement.py),
+and the gateway beside the vision service (dreamsight up).
 
 Real processes: a parent standing for the vision service, with children
-standing for vLLM's engine core and a worker (their process titles say
-``VLLM::EngineCore`` and ``VLLM::Worker``, as vLLM's do), the worker bound to
-the first core as vLLM binds it."""
+standing for vLLM's engine core and a worker (its process title says
+``VLLM::Worker``, as vLLM's does), bound to the first core as vLLM binds it."""
 
 from __future__ import annotations
 
@@ -36,9 +34,9 @@ OMP_WORKER = (
 # it: argv 1 its cores, argv 2 its program).
 TREE = f"""
 import os, subprocess, sys, time
-titled = 'exec -a "$0" "$1" -c "$2"'
-core = subprocess.Popen(["bash", "-c", titled, "VLLM::EngineCore", sys.executable, {SLEEPER!r}])
-worker = subprocess.Popen(["bash", "-c", titled, "VLLM::Worker", sys.executable, sys.argv[2]])
+core = subprocess.Popen([sys.executable, "-c", {SLEEPER!r}])
+title = 'exec -a VLLM::Worker "$0" -c "$1"'
+worker = subprocess.Popen(["bash", "-c", title, sys.executable, sys.argv[2]])
 time.sleep(0.5)  # until bash has become the worker
 os.sched_setaffinity(worker.pid, set(map(int, sys.argv[1].split(","))))
 print(core.pid, worker.pid, flush=True)
@@ -67,12 +65,10 @@ def tree(request: pytest.FixtureRequest) -> Iterator[tuple[int, int, int]]:
         core, worker = map(int, parent.stdout.readline().split())
         deadline = time.monotonic() + 10
         spread = set(CORES) if program == OMP_WORKER else set(cores)  # its threads, bound
-        while (
-            "Worker" not in " ".join(psutil.Process(worker).cmdline()[:1])
-            or "EngineCore" not in " ".join(psutil.Process(core).cmdline()[:1])
-            or worker_cores(worker) != spread
+        while "Worker" not in " ".join(psutil.Process(worker).cmdline()[:1]) or (
+            worker_cores(worker) != spread
         ):
-            assert time.monotonic() < deadline, "the children never took their titles and cores"
+            assert time.monotonic() < deadline, "the worker never took its title and cores"
             time.sleep(0.05)
         yield parent.pid, core, worker
     finally:
@@ -87,29 +83,15 @@ def test_the_machine_has_cores_to_share() -> None:
 
 
 @pytest.mark.parametrize("tree", [(CORES[:1], SLEEPER)], indirect=True)
-def test_the_front_end_moves_off_the_workers_cores_the_engine_core_beside_the_worker(
+def test_front_end_and_engine_core_move_off_the_workers_cores(
     tree: tuple[int, int, int],
 ) -> None:
-    """One core left (on two cores, as CI has): it is the front end's, and the
-    engine core takes turns with the worker on the worker's."""
     parent, core, worker = tree
     free = set(CORES[1:])
     assert keep_off_workers(parent) == free
     assert cores_of(parent) == free
-    assert cores_of(core) == (set(CORES[:1]) if len(free) == 1 else free)
-    assert cores_of(worker) == set(CORES[:1])  # the worker keeps its own
-
-
-@pytest.mark.parametrize("tree", [(CORES[:1], SLEEPER)], indirect=True)
-def test_with_cores_to_spare_the_engine_core_goes_with_the_front_end(
-    tree: tuple[int, int, int],
-) -> None:
-    parent, core, worker = tree
-    free = set(CORES[1:])
-    assert keep_off_workers(parent, engine_core_beside_worker=False) == free
-    assert cores_of(parent) == free
     assert cores_of(core) == free
-    assert cores_of(worker) == set(CORES[:1])
+    assert cores_of(worker) == set(CORES[:1])  # the worker keeps its own
 
 
 @pytest.mark.parametrize(

@@ -39,22 +39,15 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
             health_pb2.HealthCheckResponse.NOT_SERVING,
             health_pb2.HealthCheckResponse.SERVING,
         }
-        # Placed once its engine was up: off the core vLLM bound its CPU worker to,
-        # the engine core beside the worker where that left one core.
+        # Placed once its engine was up: off the core vLLM bound its CPU worker to.
         tree = psutil.Process(service.proc.pid).children(recursive=True)
         workers = [p for p in tree if "Worker" in " ".join(p.cmdline()[:1])]
         assert workers, [p.cmdline()[:1] for p in tree]
         taken = set().union(*(p.cpu_affinity() for p in workers))
-        free = os.sched_getaffinity(0) - taken
-        assert free
+        assert taken < os.sched_getaffinity(0)
         for process in [psutil.Process(service.proc.pid), *tree]:
-            title = " ".join(process.cmdline()[:1])
-            if process in workers:
-                continue
-            if "EngineCore" in title and len(free) == 1:
-                assert process.cpu_affinity() == workers[0].cpu_affinity(), title
-            else:
-                assert set(process.cpu_affinity()) == free, title
+            if process not in workers:
+                assert not set(process.cpu_affinity()) & taken, process.cmdline()[:1]
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
 

@@ -71,9 +71,8 @@ class VisionSettings:
     )
     place_off_workers: bool = setting(
         True,
-        "on a CPU-only machine, once the engine is up, run this service on the cores no "
-        "CPU worker is bound to, and vLLM's engine core with it, or beside the first worker "
-        "where one core is left (see vision_service/placement.py)",
+        "on a CPU-only machine, once the engine is up, run this service and vLLM's engine "
+        "core on the cores no CPU worker is bound to (see vision_service/placement.py)",
     )
     max_stop_strings: int = 16
     gateway_secret: str = gateway_secret_setting()

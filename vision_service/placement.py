@@ -15,16 +15,6 @@ thread: those started later inherit it) and every process under it that is
 not a worker onto the cores no worker is bound to. Nothing moves where the
 workers are bound to no core of their own (GPUs, ``nobind``), where they
 cover every core, or where the platform cannot say (no ``sched_setaffinity``).
-
-Where that leaves a single core (vLLM's one reserved core on a machine of one
-worker), the engine core goes beside the first worker's main thread instead
-of on it: the two take turns (the engine core schedules a step while its
-worker waits for it, then waits, yielding its core, while the worker runs
-the step; each spins with ``sched_yield`` meanwhile), so sharing a core costs
-them little, and the one free core is left to the front ends, which work
-while the worker runs. Measured on two cores (docs/benchmarks.md, eleventh
-round): about 2% more tokens/s at 8 concurrent requests and 8-10% at 16, in
-every round at 16, and less CPU per token in both vLLM processes.
 """
 
 from __future__ import annotations
@@ -40,13 +30,11 @@ log = logging.getLogger(__name__)
 
 WORKER_TITLE = "Worker"
 """What vLLM's worker processes have in their process title (``VLLM::Worker``)."""
-ENGINE_CORE_TITLE = "EngineCore"
-"""What vLLM's engine core process has in its title (``VLLM::EngineCore``)."""
 
 
-def _titled(process: psutil.Process, title: str) -> bool:
+def _is_worker(process: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
-        return title in process.name() or title in " ".join(process.cmdline()[:1])
+        return WORKER_TITLE in process.name() or WORKER_TITLE in " ".join(process.cmdline()[:1])
     return False
 
 
@@ -72,41 +60,31 @@ def pin(pid: int, cores: Iterable[int]) -> None:
             os.sched_setaffinity(tid, cores)
 
 
-def keep_off_workers(
-    root: int | None = None, *, engine_core_beside_worker: bool | None = None
-) -> set[int] | None:
+def keep_off_workers(root: int | None = None) -> set[int] | None:
     """Move process root (this one by default) and its descendants other than
-    vLLM's workers off the workers' cores, vLLM's engine core beside the first
-    worker's main thread instead where that leaves one core (or as
-    ``engine_core_beside_worker`` says); the cores the front end runs on now,
-    or None when nothing moved (see the module doc)."""
+    vLLM's workers off the workers' cores; the cores they run on now, or None
+    when nothing moved (see the module doc)."""
     if not hasattr(os, "sched_setaffinity"):
         return None
     try:
         top = psutil.Process(root)
         tree = [top, *top.children(recursive=True)]
-        workers = sorted((p for p in tree if _titled(p, WORKER_TITLE)), key=lambda p: p.pid)
+        workers = [p for p in tree if _is_worker(p)]
         allowed = set(os.sched_getaffinity(top.pid))
         taken = set().union(*(cores_of(p.pid) for p in workers))
         free = allowed - taken
         if not workers or not free or taken >= allowed:
             return None
-        beside = len(free) == 1 if engine_core_beside_worker is None else engine_core_beside_worker
-        first = os.sched_getaffinity(workers[0].pid)  # its main thread's cores
-        engine_cores = first if beside else free
         for process in tree:
-            if process in workers:
-                continue
-            cores = engine_cores if _titled(process, ENGINE_CORE_TITLE) else free
-            with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError):
-                pin(process.pid, cores)
+            if process not in workers:
+                with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError):
+                    pin(process.pid, free)
     except (psutil.Error, OSError) as error:  # placement is an optimization: never fatal
         log.warning("could not move the front end off vLLM's CPU workers: %s", error)
         return None
     log.info(
-        "front end on cores %s and engine core on %s, vLLM's CPU workers on %s",
+        "front end and engine core on cores %s, off vLLM's CPU workers on %s",
         sorted(free),
-        sorted(engine_cores),
         sorted(taken),
     )
     return free

@@ -32,21 +32,25 @@ class Budgets:
         self._cache_ttl_s = cache_ttl_s
         # (tenant, window name) -> (expires at, GPU-seconds used)
         self._used: dict[tuple[str, str], tuple[float, float]] = {}
+        # tenant -> GPU-seconds charged on this replica so far (charge)
+        self._charged: dict[str, float] = {}
 
     async def _used_in(self, tenant: str, window: Window, now: float) -> float:
         key = (tenant, window.name)
         cached = self._used.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
+        charged = self._charged.get(tenant, 0.0)
         used = await self._store.usage_since(tenant, now - window.seconds)
+        # Charged while the ledger was read: in neither the read nor the waiting
+        # bills it counted (their writes go after the read).
+        used += self._charged.get(tenant, 0.0) - charged
         self._used[key] = (now + self._cache_ttl_s, used)
         return used
 
     async def window_usage(self, tenant: str, window: Window, now: float) -> WindowUsage:
-        """Use and reset time of one window."""
-        entries = await self._store.run(
-            self._store.sync.usage_entries, tenant, now - window.seconds
-        )
+        """Use and reset time of one window (bills waiting for their write included)."""
+        entries = await self._store.usage_entries(tenant, now - window.seconds)
         used = sum(e.gpu_seconds for e in entries)
         reset = now
         if entries:
@@ -95,8 +99,15 @@ class Budgets:
         estimated: bool = False,
     ) -> bool:
         """Bill a computation once per ledger id (the gateway's own id of a call or
-        job; the caller's request id is only traced); False if already billed."""
-        return await self.charge(ledger_id, caller, service, gpu_seconds, request_id, estimated)
+        job; the caller's request id is only traced) and wait for its ledger row;
+        False if already billed (a training job's bill, tried again, counts no
+        more)."""
+        billed = await self._store.record_usage(
+            self._bill(ledger_id, caller, service, gpu_seconds, request_id, estimated)
+        )
+        if billed:  # this replica sees its own billing at once
+            self._count(caller.tenant, gpu_seconds)
+        return billed
 
     def charge(
         self,
@@ -107,11 +118,26 @@ class Budgets:
         request_id: str = "",
         estimated: bool = False,
     ) -> asyncio.Future[bool]:
-        """Bill a computation: it counts against the tenant's windows on this
-        replica at once, and its ledger row goes in the store's next group write;
-        the future says once it is written (False: the ledger id was already
-        billed, and it counts no more)."""
-        bill = Bill(
+        """Bill a call (its ledger id is new): it counts against the tenant's
+        windows on this replica at once, and its ledger row goes in the store's
+        next group write; the future says once it is written."""
+        written = self._store.queue_usage(
+            self._bill(ledger_id, caller, service, gpu_seconds, request_id, estimated)
+        )
+        self._charged[caller.tenant] = self._charged.get(caller.tenant, 0.0) + gpu_seconds
+        self._count(caller.tenant, gpu_seconds)
+        return written
+
+    @staticmethod
+    def _bill(
+        ledger_id: str,
+        caller: Caller,
+        service: str,
+        gpu_seconds: float,
+        request_id: str,
+        estimated: bool,
+    ) -> Bill:
+        return Bill(
             ledger_id,
             caller.tenant,
             caller.tier,
@@ -121,18 +147,9 @@ class Budgets:
             request_id,
             estimated,
         )
-        written = self._store.queue_usage(bill)
-        self._count(caller.tenant, gpu_seconds)
-
-        def billed_before(done: asyncio.Future[bool]) -> None:
-            if not done.cancelled() and done.exception() is None and not done.result():
-                self._count(caller.tenant, -gpu_seconds)
-
-        written.add_done_callback(billed_before)
-        return written
 
     def _count(self, tenant: str, gpu_seconds: float) -> None:
-        """This replica sees its own billing at once (other replicas within the
+        """Add to the tenant's cached windows (other replicas see it within the
         cache's TTL, from the ledger)."""
         for key, (expires, used) in list(self._used.items()):
             if key[0] == tenant:

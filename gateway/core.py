@@ -273,11 +273,13 @@ class GatewayCore:
                 if not reserved:
                     del self._reserved[admission.caller.tenant]
             self._open.discard(admission.call_id)
-            if admission.lease is not None:
-                self.metrics.in_flight.labels(tier).dec()
-                await self.limiter.release(admission.lease)
-        if written is not None:
-            await self._billed(admission, written, gpu_seconds or 0.0)
+            try:
+                if admission.lease is not None:
+                    self.metrics.in_flight.labels(tier).dec()
+                    await self.limiter.release(admission.lease)
+            finally:  # a failed release must not hide a failed bill
+                if written is not None:
+                    await self._billed(admission, written, gpu_seconds or 0.0)
 
     async def _billed(
         self, admission: Admission, written: asyncio.Future[bool], gpu_seconds: float

@@ -85,6 +85,12 @@ class Bill:
     request_id: str = ""
     estimated: bool = False
 
+    def entry(self) -> UsageEntry:
+        """The ledger's entry it becomes."""
+        return UsageEntry(
+            self.ledger_id, self.request_id, self.gpu_seconds, self.at, self.estimated
+        )
+
     def row(self) -> tuple[Any, ...]:
         """The values in the ledger's column order."""
         return (
@@ -334,8 +340,9 @@ class AsyncStore:
     Bills are written in groups: the bills that come while one write is under
     way go together in the next (one transaction, one trip to the thread, up to
     BILLS_PER_WRITE), so a busy gateway writes its ledger in fewer, larger
-    transactions instead of queueing one trip per call behind the others (each
-    bill is still durable before its caller goes on)."""
+    transactions instead of queueing one trip per call behind the others. A
+    bill waiting for its write already counts in the tenant's usage
+    (usage_since, usage_entries)."""
 
     BILLS_PER_WRITE = 256
 
@@ -364,17 +371,23 @@ class AsyncStore:
             self._writing = loop.create_task(self._write_bills(), context=contextvars.Context())
         return done
 
+    def _waiting(self, tenant: str, since: float) -> list[Bill]:
+        return [bill for bill, _ in self._bills if bill.tenant == tenant and bill.at >= since]
+
     async def usage_since(self, tenant: str, since: float) -> float:
         """GPU-seconds billed to tenant since (Unix time), the bills still waiting
         for their write included. The store's one thread runs the read after the
         group being written now and before the bills still waiting, which are
         counted here instead, so each bill counts once."""
-        waiting = sum(
-            bill.gpu_seconds
-            for bill, _ in self._bills
-            if bill.tenant == tenant and bill.at >= since
-        )
+        waiting = sum(bill.gpu_seconds for bill in self._waiting(tenant, since))
         return waiting + await self.run(self.sync.usage_since, tenant, since)
+
+    async def usage_entries(self, tenant: str, since: float) -> list[UsageEntry]:
+        """The tenant's computations since (Unix time), oldest first, the bills
+        still waiting for their write included (each once, as usage_since)."""
+        waiting = [bill.entry() for bill in self._waiting(tenant, since)]
+        stored = await self.run(self.sync.usage_entries, tenant, since)
+        return sorted(stored + waiting, key=lambda entry: entry.recorded_at)
 
     async def _write_bills(self) -> None:
         batch: list[tuple[Bill, asyncio.Future[bool]]] = []
@@ -404,17 +417,23 @@ class AsyncStore:
     ) -> list[bool | Exception]:
         bills = [bill for bill, _ in batch]
         try:
-            return list(await self.run(self.sync.record_usages, bills))
+            return await self.run(self._group, bills)
+        except Exception as error:
+            return [error] * len(bills)
+
+    def _group(self, bills: list[Bill]) -> list[bool | Exception]:
+        """On the store's thread: the bills in one transaction, or, when one bill's
+        data fails it, each on its own in the same trip (no read comes between
+        the two and finds the group neither waiting nor written)."""
+        try:
+            return list(self.sync.record_usages(bills))
         except self.sync.unavailable as error:  # the database failed: each would too
             return [error] * len(bills)
         except Exception as error:
             if len(bills) == 1:
                 return [error]
         # One bad bill must not cost the others theirs: each on its own.
-        try:
-            return await self.run(self._each, bills)
-        except Exception as error:
-            return [error] * len(bills)
+        return self._each(bills)
 
     def _each(self, bills: list[Bill]) -> list[bool | Exception]:
         outcomes: list[bool | Exception] = []

@@ -220,7 +220,8 @@ async def new_key(gateway: Gateway, tenant: str, tier: str) -> str:
 
 async def no_slots_held(gateway: Gateway, tenant: str) -> None:
     """Until the tenant holds no slot (an HTTP reply, or a caller's cancel, returns
-    before the call's bill lands and its slot follows); fails after 5 s."""
+    before the backend's end is known and the call's bill counted, which frees
+    its slot); fails after 5 s."""
     for _ in range(100):
         if await gateway.core.limiter.in_flight(tenant) == 0:
             return

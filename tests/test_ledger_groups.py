@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -155,13 +156,36 @@ async def test_bills_waiting_for_their_write_count_once_in_the_windows(
         await asyncio.to_thread(entered.wait, 30)
         second = budgets.charge("second", caller, "VisionService", 0.5)  # waits its turn
         remaining = asyncio.ensure_future(budgets.remaining(caller, tier))
-        await asyncio.sleep(0.05)  # the read is behind the first write
+        usage = asyncio.ensure_future(budgets.window_usage("t", tier.windows[0], time.time()))
+        await asyncio.sleep(0.05)  # the reads are behind the first write
         release.set()
         assert await remaining == pytest.approx(8.5)  # first from its row, second waiting
+        assert (await usage).used_gpu_seconds == pytest.approx(1.5)
         assert await first and await second
         assert await budgets.remaining(caller, tier) == pytest.approx(8.5)
         again = budgets.charge("first", caller, "VisionService", 1.0)  # the same computation
         assert not await again
         assert await budgets.remaining(caller, tier) == pytest.approx(8.5)
+    finally:
+        release.set()
+
+
+async def test_a_bill_charged_while_the_windows_are_read_still_counts(
+    store: AsyncStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = blocked_writes(store, monkeypatch)
+    budgets = Budgets(store, cache_ttl_s=3600.0)  # what the first read finds stays
+    caller = Caller("k", "t", "pro")
+    tier = Tier("pro", 3, 0, (Window("5h", 5 * 3600, 10.0),))
+    try:
+        first = budgets.charge("first", caller, "VisionService", 1.0)  # being written
+        await asyncio.to_thread(entered.wait, 30)
+        remaining = asyncio.ensure_future(budgets.remaining(caller, tier))  # behind it
+        await asyncio.sleep(0.05)
+        during = budgets.charge("during", caller, "VisionService", 0.5)  # after the read
+        release.set()
+        assert await remaining == pytest.approx(8.5)
+        assert await first and await during
+        assert await budgets.remaining(caller, tier) == pytest.approx(8.5)  # as cached
     finally:
         release.set()

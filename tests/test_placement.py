@@ -1,10 +1,13 @@
 """Placement on a CPU-only machine: the vision service and vLLM's engine core
-off the cores vLLM's CPU workers are bound to (vision_service/placement.py),
-and the gateway beside the vision service (dreamsight up).
+off the cores vLLM's CPU workers are bound to, the engine core beside the
+first worker while the engine is busy where that leaves one core
+(vision_service/placement.py), and the gateway beside the vision service
+(dreamsight up).
 
 Real processes: a parent standing for the vision service, with children
-standing for vLLM's engine core and a worker (its process title says
-``VLLM::Worker``, as vLLM's does), bound to the first core as vLLM binds it."""
+standing for vLLM's engine core and a worker (their process titles say
+``VLLM::EngineCore`` and ``VLLM::Worker``, as vLLM's do), the worker bound to
+the first core as vLLM binds it."""
 
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 from dreamsight._up import place_beside
 
+from vision_service.placement import EngineCoreShift, keep_off_workers
 from vision_service.placement import cores_of as worker_cores
-from vision_service.placement import keep_off_workers
 
 CORES = sorted(os.sched_getaffinity(0))
 SLEEPER = "import time; time.sleep(60)"
@@ -34,9 +37,9 @@ OMP_WORKER = (
 # it: argv 1 its cores, argv 2 its program).
 TREE = f"""
 import os, subprocess, sys, time
-core = subprocess.Popen([sys.executable, "-c", {SLEEPER!r}])
-title = 'exec -a VLLM::Worker "$0" -c "$1"'
-worker = subprocess.Popen(["bash", "-c", title, sys.executable, sys.argv[2]])
+titled = 'exec -a "$0" "$1" -c "$2"'
+core = subprocess.Popen(["bash", "-c", titled, "VLLM::EngineCore", sys.executable, {SLEEPER!r}])
+worker = subprocess.Popen(["bash", "-c", titled, "VLLM::Worker", sys.executable, sys.argv[2]])
 time.sleep(0.5)  # until bash has become the worker
 os.sched_setaffinity(worker.pid, set(map(int, sys.argv[1].split(","))))
 print(core.pid, worker.pid, flush=True)
@@ -65,10 +68,12 @@ def tree(request: pytest.FixtureRequest) -> Iterator[tuple[int, int, int]]:
         core, worker = map(int, parent.stdout.readline().split())
         deadline = time.monotonic() + 10
         spread = set(CORES) if program == OMP_WORKER else set(cores)  # its threads, bound
-        while "Worker" not in " ".join(psutil.Process(worker).cmdline()[:1]) or (
-            worker_cores(worker) != spread
+        while (
+            "Worker" not in " ".join(psutil.Process(worker).cmdline()[:1])
+            or "EngineCore" not in " ".join(psutil.Process(core).cmdline()[:1])
+            or worker_cores(worker) != spread
         ):
-            assert time.monotonic() < deadline, "the worker never took its title and cores"
+            assert time.monotonic() < deadline, "the children never took their titles and cores"
             time.sleep(0.05)
         yield parent.pid, core, worker
     finally:
@@ -92,6 +97,39 @@ def test_front_end_and_engine_core_move_off_the_workers_cores(
     assert cores_of(parent) == free
     assert cores_of(core) == free
     assert cores_of(worker) == set(CORES[:1])  # the worker keeps its own
+
+
+@pytest.mark.parametrize("tree", [(CORES[:1], SLEEPER)], indirect=True)
+def test_the_engine_core_goes_beside_the_worker_while_the_engine_is_busy(
+    tree: tuple[int, int, int],
+) -> None:
+    parent, core, worker = tree
+    free = keep_off_workers(parent)
+    shift = EngineCoreShift.find(parent, {CORES[-1]})  # one core left (as on two cores)
+    assert shift is not None and free is not None
+    shift.update(1)
+    assert cores_of(core) == free
+    shift.update(shift.busy)
+    assert cores_of(core) == set(CORES[:1])  # the worker's: they take turns
+    shift.update(shift.idle + 1)
+    assert cores_of(core) == set(CORES[:1])  # not back before the load has fallen
+    shift.update(shift.idle)
+    assert cores_of(core) == free
+    assert cores_of(worker) == set(CORES[:1])
+    assert cores_of(parent) == free  # the front end never moves
+
+
+@pytest.mark.parametrize("tree", [(CORES[:1], SLEEPER)], indirect=True)
+def test_the_engine_core_stays_put_with_cores_to_spare(tree: tuple[int, int, int]) -> None:
+    parent, _, _ = tree
+    assert EngineCoreShift.find(parent, set(CORES)) is None  # two cores left, or more
+    assert EngineCoreShift.find(parent, None) is None  # nothing was placed
+    lone = subprocess.Popen([sys.executable, "-c", SLEEPER])
+    try:
+        assert EngineCoreShift.find(lone.pid, {CORES[-1]}) is None  # no engine core
+    finally:
+        lone.kill()
+        lone.wait()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -15,6 +17,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
+
+
+def beside_while_busy(
+    stub: vision_pb2_grpc.VisionServiceStub, engine_core: psutil.Process, beside: set[int]
+) -> bool:
+    """Whether the engine core ran on the worker's cores while eight long chats ran."""
+    request = vision_pb2.ChatRequest(
+        messages=[vision_pb2.Message(role=vision_pb2.ROLE_USER, content="Count on.")],
+        options=vision_pb2.ChatOptions(temperature=0.0, max_tokens=400, ignore_eos=True),
+    )
+    with ThreadPoolExecutor(8) as pool:
+        chats = [pool.submit(lambda: list(stub.Chat(request, timeout=120))) for _ in range(8)]
+        seen = False
+        while not all(c.done() for c in chats):
+            seen = seen or set(engine_core.cpu_affinity()) == beside
+            time.sleep(0.01)
+        assert all(c.result()[-1].WhichOneof("event") == "final" for c in chats)
+    return seen
 
 
 def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
@@ -39,7 +59,8 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
             health_pb2.HealthCheckResponse.NOT_SERVING,
             health_pb2.HealthCheckResponse.SERVING,
         }
-        # Placed once its engine was up: off the core vLLM bound its CPU worker to.
+        # Placed once its engine was up: off the core vLLM bound its CPU worker to
+        # (the engine core too, while the engine is not busy).
         tree = psutil.Process(service.proc.pid).children(recursive=True)
         workers = [p for p in tree if "Worker" in " ".join(p.cmdline()[:1])]
         assert workers, [p.cmdline()[:1] for p in tree]
@@ -52,6 +73,14 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
         health = health_pb2_grpc.HealthStub(channel)
 
         stub = vision_pb2_grpc.VisionServiceStub(channel)
+        if len(os.sched_getaffinity(0) - taken) == 1:  # one core left: the engine core shifts
+            (engine_core,) = [p for p in tree if "EngineCore" in " ".join(p.cmdline()[:1])]
+            beside = set(workers[0].cpu_affinity())
+            assert beside_while_busy(stub, engine_core, beside), "it never moved under load"
+            deadline = time.monotonic() + 10
+            while set(engine_core.cpu_affinity()) & beside:  # back once the load is gone
+                assert time.monotonic() < deadline, "it never came back"
+                time.sleep(0.05)
         request = vision_pb2.ChatRequest(
             messages=[vision_pb2.Message(role=vision_pb2.ROLE_USER, content="Tell a story.")],
             options=vision_pb2.ChatOptions(temperature=1.0, seed=3, max_tokens=600),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from vision_service.servicer import VisionServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+SHIFT_INTERVAL_S = 0.05
+"""How often the engine's load is looked at, to place its engine core."""
 
 
 @dataclass
@@ -32,6 +35,7 @@ class VisionService:
     metrics: VisionMetrics
     lanes: LaneServer
     own_process: bool = False
+    _shifting: asyncio.Task[None] | None = None
     """Whether it runs as its own process (python -m vision_service), which it
     may then place on the machine's cores (vision_service/placement.py)."""
 
@@ -44,11 +48,21 @@ class VisionService:
         """Load the model, then report SERVING."""
         await self.engine.start()
         if self.own_process and self.settings.place_off_workers and self.engine.on_cpu:
-            placement.keep_off_workers()
+            shift = placement.EngineCoreShift.find(free=placement.keep_off_workers())
+            if shift is not None:
+                self._shifting = asyncio.get_running_loop().create_task(self._follow(shift))
         await self.server.set_serving(True)
+
+    async def _follow(self, shift: placement.EngineCoreShift) -> None:
+        """Move the engine core as the engine's load changes (placement.EngineCoreShift)."""
+        while True:
+            shift.update(self.engine.meter.running)
+            await asyncio.sleep(SHIFT_INTERVAL_S)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, drain streams within the grace period, stop the engine."""
+        if self._shifting is not None:
+            self._shifting.cancel()
         self.lanes.retire()  # the gateway opens no more chats here
         await self.server.stop(grace_s)
         self.engine.shutdown()

@@ -12,8 +12,10 @@ vLLM's off for the comparison with its leanest setting):
   starts it: HTTP ``/v1`` on the gateway (its own process, a key on a tier
   that admits the whole load), then the vision service (its own process, with
   the backend secret), then vLLM; the vision service moves itself and vLLM's
-  engine core off vLLM's CPU worker's cores once loaded, and the gateway goes
-  beside it, as under ``dreamsight up`` (vision_service/placement.py);
+  engine core off vLLM's CPU worker's cores once loaded (the engine core
+  beside the worker while the engine is busy, where one core is left), and
+  the gateway goes beside it, as under ``dreamsight up``
+  (vision_service/placement.py);
 - **vllm**: vLLM's own OpenAI server (``python -m
   vllm.entrypoints.openai.api_server``), where vLLM places it
   (``--vllm-placed``: moved as ours is).
@@ -203,8 +205,9 @@ def main() -> None:
         "--vllm-placed",
         action="store_true",
         help="also move vLLM's server and its engine core off its CPU worker's cores, as "
-        "the vision service moves itself (vision_service/placement.py), instead of leaving "
-        "them where vLLM leaves them",
+        "the vision service moves itself (vision_service/placement.py; not the engine "
+        "core's shift beside the worker under load), instead of leaving them where vLLM "
+        "leaves them",
     )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]

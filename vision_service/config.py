@@ -72,7 +72,8 @@ class VisionSettings:
     place_off_workers: bool = setting(
         True,
         "on a CPU-only machine, once the engine is up, run this service and vLLM's engine "
-        "core on the cores no CPU worker is bound to (see vision_service/placement.py)",
+        "core on the cores no CPU worker is bound to, the engine core beside the worker "
+        "while the engine is busy where one core is left (see vision_service/placement.py)",
     )
     max_stop_strings: int = 16
     gateway_secret: str = gateway_secret_setting()

@@ -89,54 +89,17 @@ class Budgets:
         ]
         return max(0.0, min(left)) if left else None
 
-    async def record(
-        self,
-        ledger_id: str,
-        caller: Caller,
-        service: str,
-        gpu_seconds: float,
-        request_id: str = "",
-        estimated: bool = False,
-    ) -> bool:
-        """Bill a computation once per ledger id (the gateway's own id of a call or
-        job; the caller's request id is only traced) and wait for its ledger row;
-        False if already billed (a training job's bill, tried again, counts no
-        more)."""
-        billed = await self._store.record_usage(
-            self._bill(ledger_id, caller, service, gpu_seconds, request_id, estimated)
-        )
-        if billed:  # this replica sees its own billing at once
-            self._count(caller.tenant, gpu_seconds)
-        return billed
-
-    def charge(
-        self,
-        ledger_id: str,
-        caller: Caller,
-        service: str,
-        gpu_seconds: float,
-        request_id: str = "",
-        estimated: bool = False,
-    ) -> asyncio.Future[bool]:
-        """Bill a call (its ledger id is new): it counts against the tenant's
-        windows on this replica at once, and its ledger row goes in the store's
-        next group write; the future says once it is written."""
-        written = self._store.queue_usage(
-            self._bill(ledger_id, caller, service, gpu_seconds, request_id, estimated)
-        )
-        self._charged[caller.tenant] = self._charged.get(caller.tenant, 0.0) + gpu_seconds
-        self._count(caller.tenant, gpu_seconds)
-        return written
-
     @staticmethod
-    def _bill(
+    def bill(
         ledger_id: str,
         caller: Caller,
         service: str,
         gpu_seconds: float,
-        request_id: str,
-        estimated: bool,
+        request_id: str = "",
+        estimated: bool = False,
     ) -> Bill:
+        """The bill of a computation, now: the ledger id is the gateway's own id of a
+        call or job (the caller's request id is only traced)."""
         return Bill(
             ledger_id,
             caller.tenant,
@@ -147,6 +110,23 @@ class Budgets:
             request_id,
             estimated,
         )
+
+    async def record(self, bill: Bill) -> bool:
+        """Bill a computation once per ledger id and wait for its ledger row; False
+        if already billed (a training job's bill, tried again, counts no more)."""
+        billed = await self._store.record_usage(bill)
+        if billed:  # this replica sees its own billing at once
+            self._count(bill.tenant, bill.gpu_seconds)
+        return billed
+
+    def charge(self, bill: Bill) -> asyncio.Future[bool]:
+        """Bill a call (its ledger id is new): it counts against the tenant's
+        windows on this replica at once, and its ledger row goes in the store's
+        next group write; the future says once it is written."""
+        written = self._store.queue_usage(bill)
+        self._charged[bill.tenant] = self._charged.get(bill.tenant, 0.0) + bill.gpu_seconds
+        self._count(bill.tenant, bill.gpu_seconds)
+        return written
 
     def _count(self, tenant: str, gpu_seconds: float) -> None:
         """Add to the tenant's cached windows (other replicas see it within the

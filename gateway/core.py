@@ -258,7 +258,7 @@ class GatewayCore:
                 time.monotonic() - admission.started
             )
             if gpu_seconds is not None and gpu_seconds > 0:
-                written = self.budgets.charge(
+                bill = self.budgets.bill(
                     admission.ledger_id,
                     admission.caller,
                     admission.service,
@@ -266,6 +266,7 @@ class GatewayCore:
                     admission.request_id,
                     estimated,
                 )
+                written = self.budgets.charge(bill)
         finally:
             reserved = self._reserved.get(admission.caller.tenant)
             if reserved is not None:

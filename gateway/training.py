@@ -82,8 +82,9 @@ class TrainingMeter:
         """Bill an ended job (once); True when this call billed it."""
         if job.state not in _ENDED or job.usage.gpu_seconds <= 0:
             return False
-        billed = await self._core.budgets.record(
-            f"job:{job.job_id}", caller, "DiffusionService", job.usage.gpu_seconds
+        budgets = self._core.budgets
+        billed = await budgets.record(
+            budgets.bill(f"job:{job.job_id}", caller, "DiffusionService", job.usage.gpu_seconds)
         )
         if billed:
             tier = caller.tier

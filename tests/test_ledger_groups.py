@@ -152,9 +152,10 @@ async def test_bills_waiting_for_their_write_count_once_in_the_windows(
     caller = Caller("k", "t", "pro")
     tier = Tier("pro", 3, 0, (Window("5h", 5 * 3600, 10.0),))
     try:
-        first = budgets.charge("first", caller, "VisionService", 1.0)  # being written
+        first = budgets.charge(budgets.bill("first", caller, "VisionService", 1.0))  # being written
         await asyncio.to_thread(entered.wait, 30)
-        second = budgets.charge("second", caller, "VisionService", 0.5)  # waits its turn
+        # The second waits its turn:
+        second = budgets.charge(budgets.bill("second", caller, "VisionService", 0.5))
         remaining = asyncio.ensure_future(budgets.remaining(caller, tier))
         usage = asyncio.ensure_future(budgets.window_usage("t", tier.windows[0], time.time()))
         await asyncio.sleep(0.05)  # the reads are behind the first write
@@ -163,8 +164,8 @@ async def test_bills_waiting_for_their_write_count_once_in_the_windows(
         assert (await usage).used_gpu_seconds == pytest.approx(1.5)
         assert await first and await second
         assert await budgets.remaining(caller, tier) == pytest.approx(8.5)
-        again = budgets.charge("first", caller, "VisionService", 1.0)  # the same computation
-        assert not await again
+        again = budgets.bill("first", caller, "VisionService", 1.0)  # the same computation
+        assert not await budgets.record(again)
         assert await budgets.remaining(caller, tier) == pytest.approx(8.5)
     finally:
         release.set()
@@ -178,11 +179,12 @@ async def test_a_bill_charged_while_the_windows_are_read_still_counts(
     caller = Caller("k", "t", "pro")
     tier = Tier("pro", 3, 0, (Window("5h", 5 * 3600, 10.0),))
     try:
-        first = budgets.charge("first", caller, "VisionService", 1.0)  # being written
+        first = budgets.charge(budgets.bill("first", caller, "VisionService", 1.0))  # being written
         await asyncio.to_thread(entered.wait, 30)
         remaining = asyncio.ensure_future(budgets.remaining(caller, tier))  # behind it
         await asyncio.sleep(0.05)
-        during = budgets.charge("during", caller, "VisionService", 0.5)  # after the read
+        # Charged after the read was queued:
+        during = budgets.charge(budgets.bill("during", caller, "VisionService", 0.5))
         release.set()
         assert await remaining == pytest.approx(8.5)
         assert await first and await during

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dreamsight.vision.v1 import vision_pb2, vision_pb2_grpc
 from prometheus_client import CollectorRegistry
@@ -35,9 +35,10 @@ class VisionService:
     metrics: VisionMetrics
     lanes: LaneServer
     own_process: bool = False
-    _shifting: asyncio.Task[None] | None = None
     """Whether it runs as its own process (python -m vision_service), which it
     may then place on the machine's cores (vision_service/placement.py)."""
+    _shifting: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    """Moves vLLM's engine core with the engine's load (placement.EngineCoreShift)."""
 
     @property
     def port(self) -> int:

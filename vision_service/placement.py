@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import psutil  # type: ignore[import-untyped]
 
@@ -108,20 +109,22 @@ def keep_off_workers(root: int | None = None) -> set[int] | None:
     return free
 
 
+@dataclass
 class EngineCoreShift:
     """vLLM's engine core beside its first worker's main thread while the engine
     is busy, with the front end otherwise (see the module doc)."""
 
-    def __init__(
-        self, engine_core: int, beside: set[int], free: set[int], busy: int = 6, idle: int = 2
-    ) -> None:
-        self.engine_core = engine_core
-        self.beside = beside
-        self.free = free
-        self.busy = busy
-        self.idle = idle
-        self.moved = False
-        """Whether the engine core is beside the worker now."""
+    engine_core: int
+    beside: set[int]
+    """The cores of the first worker's main thread."""
+    free: set[int]
+    """The front end's cores."""
+    busy: int = 6
+    """Requests running at which the engine core moves beside the worker."""
+    idle: int = 2
+    """Requests running at which it comes back."""
+    moved: bool = False
+    """Whether the engine core is beside the worker now."""
 
     def update(self, running: int) -> None:
         """Follow the engine's load: the requests running in it now."""

@@ -159,6 +159,30 @@ async def test_eight_concurrent_streams_complete(vision: VisionHandle) -> None:
         assert final.usage.gpu_seconds <= final.usage.total_time.ToTimedelta().total_seconds()
 
 
+async def test_a_text_chat_skips_vllms_renderer_thread_and_an_image_chat_does_not(
+    vision: VisionHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token ids alone go to vLLM as its rendered input, added on the event loop
+    (a raw prompt hops to vLLM's renderer thread and back, which waits behind
+    the busy loop: docs/benchmarks.md, twelfth round); images still go raw, so
+    that their processing runs off the loop."""
+    processor = vision.service.engine._engine.input_processor
+    raw = processor.process_inputs_async
+    hopped: list[Any] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        hopped.append(args[1])
+        return await raw(*args, **kwargs)
+
+    monkeypatch.setattr(processor, "process_inputs_async", counted)
+    deltas, final = await chat(vision, user("Say hello."), options=greedy(4))
+    assert final.completion_tokens >= 1 and "".join(deltas) == final.text
+    assert hopped == []
+    _, final = await chat(vision, user("Describe.", png("red")), options=greedy(4))
+    assert final.completion_tokens >= 1
+    assert len(hopped) == 1 and "multi_modal_data" in hopped[0]
+
+
 async def _wait_idle(vision: VisionHandle) -> int:
     for _ in range(100):
         if vision.service.engine.num_unfinished() == 0:

@@ -8,7 +8,11 @@ calls on one bidirectional stream, ``/dreamsight.internal.v1.Lanes/Carry``
 stops calls with ``LaneRequest`` messages, and one writer per lane sends
 everything its calls produced since its last write as one ``LaneReply``, so
 the deltas of all the requests of one engine step cross the hop as one
-message.
+message. The other way, a ``LaneRequest`` carries in its ``batch`` the
+requests the gateway queued while its last one was being written (lanes
+version 2, announced in the ``x-dreamsight-lanes`` header), so calls opened
+together (a burst of clients) arrive in one message, each a gRPC write and
+read fewer on both sides.
 
 Each call keeps the settled contract whole: its behaviour runs as the settled
 twin's does (:func:`~dreamsight_server.metering.run_settled`: allowance,
@@ -47,7 +51,7 @@ from dreamsight_server.errors import (
     Unavailable,
 )
 from dreamsight_server.interceptors import abort_with, error_status
-from dreamsight_server.metadata import LANES_HEADER
+from dreamsight_server.metadata import LANES_HEADER, LANES_VERSION
 from dreamsight_server.metering import Behavior, run_settled
 from dreamsight_server.tenancy import check_gateway_token
 
@@ -226,17 +230,23 @@ class _Lane:
             request = await read()
             if request is grpc.aio.EOF:  # type: ignore[attr-defined]
                 return
-            which = request.WhichOneof("action")
-            if which == "open":
-                self._open(request.call, request.open)
-            elif which == "stop":
-                entry = self._calls.get(request.call)
-                if entry is not None and not entry[1].done():
-                    entry[1].set_result(None)
-            elif which == "consumed_bytes":
-                window = self._windows.get(request.call)
-                if window is not None:
-                    window.consumed(request.consumed_bytes)
+            self._act(request)
+            for queued in request.batch:  # queued behind it (their own batches: none)
+                self._act(queued)
+
+    def _act(self, request: lanes_pb2.LaneRequest) -> None:
+        """Open, stop or widen the window of one call."""
+        which = request.WhichOneof("action")
+        if which == "open":
+            self._open(request.call, request.open)
+        elif which == "stop":
+            entry = self._calls.get(request.call)
+            if entry is not None and not entry[1].done():
+                entry[1].set_result(None)
+        elif which == "consumed_bytes":
+            window = self._windows.get(request.call)
+            if window is not None:
+                window.consumed(request.consumed_bytes)
 
     def _open(self, number: int, open_: lanes_pb2.LaneOpen) -> None:
         if number in self._calls:
@@ -396,7 +406,7 @@ class LaneServer:
             except Unauthenticated as refused:
                 await abort_with(context, refused, LANE_PATH, self.table)
                 return
-            await context.send_initial_metadata(((LANES_HEADER, "1"),))
+            await context.send_initial_metadata(((LANES_HEADER, str(LANES_VERSION)),))
             lane = _Lane(self, context)
             self._lanes.add(lane)
             try:

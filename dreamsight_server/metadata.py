@@ -19,7 +19,11 @@ LANES_HEADER = "x-dreamsight-lanes"
 :mod:`dreamsight_server.lanes`): the gateway writes nothing on a lane before
 it, since a replica without lanes ends the stream at once, and gRPC may then
 report a write racing that end as "Internal error from Core" instead of
-the replica's UNIMPLEMENTED."""
+the replica's UNIMPLEMENTED. Its value is the lanes version the replica reads
+(:data:`LANES_VERSION`; "1" before requests were batched)."""
+LANES_VERSION = 2
+"""The lanes version this code reads: 2, a request may carry the requests
+queued behind it (``LaneRequest.batch``)."""
 GPU_ALLOWANCE_HEADER = "x-dreamsight-gpu-allowance"
 """GPU-seconds a call may spend (from the tenant's remaining budget), set by the gateway."""
 

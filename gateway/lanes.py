@@ -17,6 +17,12 @@ bill) is the same on both transports. A lane that fails (its replica died, the
 channel closed) ends each of its calls with the lane's error and no report, so
 each is billed an estimate from the device share it announced.
 
+A lane's writer sends what queued while its last write was out (calls
+opened by a burst of clients, stops, flow-control reports) as one message,
+the first request with the rest in its ``batch``, to a replica that reads
+batches (lanes version 2 in its ``x-dreamsight-lanes`` header); a replica of
+version 1 gets one request per message, as before.
+
 Each call has its own flow-control window (:data:`WINDOW_BYTES`): the replica
 sends at most that many bytes of a call's messages ahead of what its caller
 has read, so a caller that stalls holds back its own call, never the lane
@@ -72,6 +78,28 @@ log = logging.getLogger(__name__)
 
 Settled = Callable[[float | None], Any]
 """Opens the call on its own settled stream, with this timeout (seconds)."""
+
+
+def _version(value: str | bytes) -> int:
+    """The lanes version a replica announced (1 where it says nothing we read)."""
+    try:
+        return int(value)
+    except ValueError:
+        return 1
+
+
+def _next_message(outbox: collections.deque[lanes_pb2.LaneRequest]) -> lanes_pb2.LaneRequest:
+    """The next request, with those queued behind it (up to LANE_REQUEST_BYTES of
+    opened requests in all) in its batch: calls opened together go in one
+    write, and the replica reads them in one message (lanes version 2)."""
+    first = outbox.popleft()
+    size = len(first.open.request)
+    while outbox:
+        size += len(outbox[0].open.request)
+        if size > LANE_REQUEST_BYTES:
+            break
+        first.batch.append(outbox.popleft())
+    return first
 
 
 def _metadata(pairs: Iterable[tuple[str, Any]]) -> grpc.aio.Metadata:
@@ -358,13 +386,15 @@ class _Lane:
             # without them ends the stream at once, and a write racing that end
             # can turn its UNIMPLEMENTED into gRPC's own INTERNAL, hiding it.
             served = await stream.initial_metadata()
-            if not any(key == LANES_HEADER for key, _ in served or ()):
+            versions = [value for key, value in served or () if key == LANES_HEADER]
+            if not versions:
                 return  # the reader hears how the lane ended
+            batches = _version(versions[0]) >= 2
             while True:
                 await wake.wait()
                 wake.clear()
                 while outbox:
-                    await stream.write(outbox.popleft())
+                    await stream.write(_next_message(outbox) if batches else outbox.popleft())
                 if self._closing:
                     await stream.done_writing()
                     return

@@ -250,7 +250,8 @@ async def _carry(port: int, *requests: lanes_pb2.LaneRequest, metadata: Any = ()
         for request in requests:
             await stream.write(request)
         ends: dict[int, lanes_pb2.LaneEnd] = {}
-        opened = {r.call for r in requests if r.WhichOneof("action") == "open"}
+        every = [r for request in requests for r in (request, *request.batch)]
+        opened = {r.call for r in every if r.WhichOneof("action") == "open"}
         async with asyncio.timeout(10):
             while set(ends) != opened:
                 reply = await stream.read()
@@ -344,3 +345,81 @@ async def test_a_lane_call_that_fails_before_its_end_still_ends(
     ends = await _carry(backend.port, _open(1, "hi"))
     assert ends[1].code == grpc.StatusCode.INTERNAL.value[0]
     assert "no share" not in ends[1].details
+
+
+def test_requests_queued_together_go_in_one_message_up_to_the_size_of_a_lane_request() -> None:
+    """The gateway's writer sends what queued while its last write was out as
+    one message: the first request with the rest in its batch, in order, until
+    their opened requests would pass LANE_REQUEST_BYTES."""
+    from collections import deque
+
+    half = gateway_lanes.LANE_REQUEST_BYTES // 2
+    outbox = deque(
+        [
+            _open(1, "a"),
+            lanes_pb2.LaneRequest(call=7, stop=True),
+            lanes_pb2.LaneRequest(call=8, consumed_bytes=512),
+            _open(2, "x" * half),
+            _open(3, "y" * half),
+            _open(4, "z"),
+        ]
+    )
+    first = gateway_lanes._next_message(outbox)
+    assert first.call == 1 and first.WhichOneof("action") == "open"
+    assert [r.call for r in first.batch] == [7, 8, 2]
+    assert [r.WhichOneof("action") for r in first.batch] == ["stop", "consumed_bytes", "open"]
+    second = gateway_lanes._next_message(outbox)
+    assert (second.call, [r.call for r in second.batch]) == (3, [4])
+    assert not outbox
+
+
+async def test_a_replica_takes_the_requests_batched_behind_one(backend: FakeBackend) -> None:
+    """Version 2 of lanes, read by the replica: the calls in a request's batch
+    are opened and run as if each had come in its own message."""
+    first = _open(1, "chunks:3")
+    first.batch.extend([_open(2, "chunks:2"), _open(3, "chunks:4")])
+    ends = await _carry(backend.port, first)
+    assert sorted(ends) == [1, 2, 3]
+    assert all(end.code == 0 and end.gpu_seconds == pytest.approx(0.25) for end in ends.values())
+
+
+async def test_chats_opened_together_share_a_message_only_on_a_replica_that_reads_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight chats opened at once: to a replica of lanes version 2 some go in
+    one message; to one of version 1 (before batches) each goes in its own.
+    Either way every chat gets its deltas and is billed once."""
+    from dreamsight_server import lanes as server_lanes
+
+    real = gateway_lanes._next_message
+    for version in (2, 1):
+        written: list[int] = []
+
+        def counted(outbox: Any, written: list[int] = written) -> lanes_pb2.LaneRequest:
+            message = real(outbox)
+            written.append(1 + len(message.batch))
+            return message
+
+        monkeypatch.setattr(gateway_lanes, "_next_message", counted)
+        monkeypatch.setattr(server_lanes, "LANES_VERSION", version)
+        replica = FakeBackend(FakeVision(gpu_seconds=0.25))
+        await replica.start()
+        (tmp_path / f"v{version}").mkdir()
+        gw = await gateway_for(tmp_path / f"v{version}", replica.port, lane_calls=8)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+                keys = [await new_key(gw, f"v{version}t{i}", "max") for i in range(8)]
+                results = await asyncio.gather(
+                    *(collect(channel, "chunks:5", bearer(k)) for k in keys)
+                )
+            for messages in results:
+                assert [m.delta for m in messages[:-1]] == [f"t{i} " for i in range(5)]
+            for i in range(8):
+                assert await _billed(gw, f"v{version}t{i}", 1) == pytest.approx([0.25])
+        finally:
+            await gw.stop(0)
+            await replica.kill()
+        if version == 2:
+            assert max(written) > 1, "chats opened together went in one message"
+        else:
+            assert written == [], "a replica before batches gets one request per message"

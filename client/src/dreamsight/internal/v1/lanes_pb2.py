@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dreamsight/internal/v1/lanes.proto\x12\x16\x64reamsight.internal.v1\"\x81\x01\n\x0bLaneRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\x30\n\x04open\x18\x02 \x01(\x0b\x32 .dreamsight.internal.v1.LaneOpenH\x00\x12\x0e\n\x04stop\x18\x03 \x01(\x08H\x00\x12\x18\n\x0e\x63onsumed_bytes\x18\x04 \x01(\x04H\x00\x42\x08\n\x06\x61\x63tion\"(\n\nLaneHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xa9\x01\n\x08LaneOpen\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07request\x18\x02 \x01(\x0c\x12\x34\n\x08metadata\x18\x03 \x03(\x0b\x32\".dreamsight.internal.v1.LaneHeader\x12\x1c\n\x0ftimeout_seconds\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0cwindow_bytes\x18\x05 \x01(\x04\x42\x12\n\x10_timeout_seconds\"N\n\tLaneReply\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .dreamsight.internal.v1.LaneItem\x12\x10\n\x08retiring\x18\x02 \x01(\x08\"|\n\x08LaneItem\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\x16\n\x0c\x64\x65vice_share\x18\x02 \x01(\x01H\x00\x12\x11\n\x07message\x18\x03 \x01(\x0cH\x00\x12.\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1f.dreamsight.internal.v1.LaneEndH\x00\x42\x07\n\x05\x65vent\"t\n\x07LaneEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x35\n\x08trailers\x18\x03 \x03(\x0b\x32#.dreamsight.internal.v1.LaneTrailer\x12\x13\n\x0bgpu_seconds\x18\x04 \x01(\x01\")\n\x0bLaneTrailer\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dreamsight/internal/v1/lanes.proto\x12\x16\x64reamsight.internal.v1\"\xb5\x01\n\x0bLaneRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\x30\n\x04open\x18\x02 \x01(\x0b\x32 .dreamsight.internal.v1.LaneOpenH\x00\x12\x0e\n\x04stop\x18\x03 \x01(\x08H\x00\x12\x18\n\x0e\x63onsumed_bytes\x18\x04 \x01(\x04H\x00\x12\x32\n\x05\x62\x61tch\x18\x05 \x03(\x0b\x32#.dreamsight.internal.v1.LaneRequestB\x08\n\x06\x61\x63tion\"(\n\nLaneHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xa9\x01\n\x08LaneOpen\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07request\x18\x02 \x01(\x0c\x12\x34\n\x08metadata\x18\x03 \x03(\x0b\x32\".dreamsight.internal.v1.LaneHeader\x12\x1c\n\x0ftimeout_seconds\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0cwindow_bytes\x18\x05 \x01(\x04\x42\x12\n\x10_timeout_seconds\"N\n\tLaneReply\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .dreamsight.internal.v1.LaneItem\x12\x10\n\x08retiring\x18\x02 \x01(\x08\"|\n\x08LaneItem\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\x16\n\x0c\x64\x65vice_share\x18\x02 \x01(\x01H\x00\x12\x11\n\x07message\x18\x03 \x01(\x0cH\x00\x12.\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1f.dreamsight.internal.v1.LaneEndH\x00\x42\x07\n\x05\x65vent\"t\n\x07LaneEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x35\n\x08trailers\x18\x03 \x03(\x0b\x32#.dreamsight.internal.v1.LaneTrailer\x12\x13\n\x0bgpu_seconds\x18\x04 \x01(\x01\")\n\x0bLaneTrailer\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dreamsight.internal.v1.lane
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LANEREQUEST']._serialized_start=63
-  _globals['_LANEREQUEST']._serialized_end=192
-  _globals['_LANEHEADER']._serialized_start=194
-  _globals['_LANEHEADER']._serialized_end=234
-  _globals['_LANEOPEN']._serialized_start=237
-  _globals['_LANEOPEN']._serialized_end=406
-  _globals['_LANEREPLY']._serialized_start=408
-  _globals['_LANEREPLY']._serialized_end=486
-  _globals['_LANEITEM']._serialized_start=488
-  _globals['_LANEITEM']._serialized_end=612
-  _globals['_LANEEND']._serialized_start=614
-  _globals['_LANEEND']._serialized_end=730
-  _globals['_LANETRAILER']._serialized_start=732
-  _globals['_LANETRAILER']._serialized_end=773
+  _globals['_LANEREQUEST']._serialized_end=244
+  _globals['_LANEHEADER']._serialized_start=246
+  _globals['_LANEHEADER']._serialized_end=286
+  _globals['_LANEOPEN']._serialized_start=289
+  _globals['_LANEOPEN']._serialized_end=458
+  _globals['_LANEREPLY']._serialized_start=460
+  _globals['_LANEREPLY']._serialized_end=538
+  _globals['_LANEITEM']._serialized_start=540
+  _globals['_LANEITEM']._serialized_end=664
+  _globals['_LANEEND']._serialized_start=666
+  _globals['_LANEEND']._serialized_end=782
+  _globals['_LANETRAILER']._serialized_start=784
+  _globals['_LANETRAILER']._serialized_end=825
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,9 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class LaneRequest(_message.Message):
-    """One message from the gateway on a lane: open a call or stop one."""
+    """One message from the gateway on a lane: open a call or stop one, and (to a
+    replica of lanes version 2 or later) the requests queued behind it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -33,6 +35,7 @@ class LaneRequest(_message.Message):
     OPEN_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     CONSUMED_BYTES_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     call: _builtins.int
     """The call's number on this lane, chosen by the gateway, unique per lane."""
     stop: _builtins.bool
@@ -47,6 +50,15 @@ class LaneRequest(_message.Message):
     def open(self) -> Global___LaneOpen:
         """Start the call."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneRequest]:
+        """Further requests, taken in order after this one's own action: what the
+        gateway queued while its last message was being written (calls opened
+        together arrive in one message). Sent only to a replica that announced
+        lanes version 2 or later in its x-dreamsight-lanes header; the requests
+        in it carry no batch of their own.
+        """
+
     def __init__(
         self,
         *,
@@ -54,10 +66,11 @@ class LaneRequest(_message.Message):
         open: Global___LaneOpen | None = ...,
         stop: _builtins.bool = ...,
         consumed_bytes: _builtins.int = ...,
+        batch: _abc.Iterable[Global___LaneRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "consumed_bytes", b"consumed_bytes", "open", b"open", "stop", b"stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call", b"call", "consumed_bytes", b"consumed_bytes", "open", b"open", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "batch", b"batch", "call", b"call", "consumed_bytes", b"consumed_bytes", "open", b"open", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["open", "stop", "consumed_bytes"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015

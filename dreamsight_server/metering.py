@@ -140,29 +140,42 @@ async def run_settled(
     """Run one settled call: its behaviour, with the call's allowance and usage
     in the context variable engines report to, writing each message with
     write, until it ends or stop completes (the gateway's "stop now"); then
-    wait until its work has really stopped and log what it spent."""
+    wait until its work has really stopped and log what it spent.
+
+    The behaviour runs in the calling task, not a task of its own: under load
+    each task's start waits a turn of the busy event loop, a millisecond on
+    the way to the engine (docs/benchmarks.md, twelfth round). A stop cancels
+    the calling task while the behaviour runs, and the cancellation ends here."""
     request_id_var.set(_metadata_value(context, REQUEST_ID_HEADER))
     usage = CallUsage(allowance=_allowance(context))
-    token = _usage.set(usage)
-    try:  # the pump task copies this context, usage included
-        pump = asyncio.ensure_future(_pump(behavior(request, context), write))
-    finally:
-        _usage.reset(token)
+    task = asyncio.current_task()
+    assert task is not None, "run_settled runs in a task"
+    running, stopped = True, False
+
+    def stop_now(_: object) -> None:
+        nonlocal stopped
+        if running and not stopped:
+            stopped = True
+            task.cancel()  # stop now; the engine waits for its work to stop
+
     stopping = asyncio.ensure_future(stop)
     stopping.add_done_callback(_retrieve)
+    stopping.add_done_callback(stop_now)
     error: BaseException | None = None
+    token = _usage.set(usage)
     try:
-        await asyncio.wait({pump, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not pump.done():
-            pump.cancel()  # stop now; the engine waits for its work to stop
-        await asyncio.wait({pump})
-        if not pump.cancelled():
-            error = pump.exception()
+        await _pump(behavior(request, context), write)
+    except asyncio.CancelledError:
+        if not stopped:
+            raise  # the caller itself was cancelled (the gateway went away)
+        task.uncancel()
+    except Exception as failure:
+        error = failure
     finally:
+        running = False
+        _usage.reset(token)
         stopping.cancel()
-        if not pump.done():  # the gateway itself went away: stop the work anyway
-            pump.cancel()
-    ended = "stopped" if pump.cancelled() else "error" if error is not None else "ok"
+    ended = "stopped" if stopped else "error" if error is not None else "ok"
     log.info(
         "settled %s tenant=%s request_id=%s gpu_seconds=%r ended=%s",
         name,
@@ -171,7 +184,7 @@ async def run_settled(
         usage.gpu_seconds,
         ended,
     )
-    return Settlement(usage, pump.cancelled(), error)
+    return Settlement(usage, stopped, error)
 
 
 def settled_handler(

@@ -256,3 +256,35 @@ async def test_a_stopping_gateway_bills_the_calls_it_cuts(
         assert [e.gpu_seconds for e in store.usage_entries("cut", 0)] == pytest.approx([0.25] * 3)
     finally:
         store.close()
+
+
+async def test_a_settled_call_runs_in_its_callers_task_and_a_stop_ends_it_there() -> None:
+    """The behaviour runs in the task that serves the call (a task of its own
+    waits a turn of the busy event loop to start: docs/benchmarks.md, twelfth
+    round); the gateway's stop cancels it there, and the call still settles:
+    stopped, with what it wrote, the caller's task not left cancelled."""
+    from dreamsight_server.lanes import LaneCallContext
+    from dreamsight_server.metering import run_settled
+
+    tasks: list[asyncio.Task[object] | None] = []
+    written: list[str] = []
+
+    async def behavior(request: object, context: object) -> AsyncIterator[str]:
+        tasks.append(asyncio.current_task())
+        yield "first"
+        await asyncio.sleep(30)
+        yield "never"
+
+    async def write(message: str) -> None:
+        written.append(message)
+
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    context: object = LaneCallContext([], None)
+    call = asyncio.ensure_future(run_settled(behavior, None, context, write, stop, "T/M"))  # type: ignore[arg-type]
+    while not written:
+        await asyncio.sleep(0.01)
+    stop.set_result(None)
+    settled = await asyncio.wait_for(call, 5)
+    assert tasks == [call]
+    assert settled.stopped and settled.error is None and written == ["first"]
+    assert not call.cancelled()

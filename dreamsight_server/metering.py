@@ -150,12 +150,13 @@ async def run_settled(
     usage = CallUsage(allowance=_allowance(context))
     task = asyncio.current_task()
     assert task is not None, "run_settled runs in a task"
-    running, stopped = True, False
+    base = task.cancelling()  # cancellations asked of the task from outside
+    running, asked, stopped = True, False, False
 
     def stop_now(_: object) -> None:
-        nonlocal stopped
-        if running and not stopped:
-            stopped = True
+        nonlocal asked
+        if running and not asked and task.cancelling() == base:
+            asked = True
             task.cancel()  # stop now; the engine waits for its work to stop
 
     stopping = asyncio.ensure_future(stop)
@@ -163,16 +164,22 @@ async def run_settled(
     stopping.add_done_callback(stop_now)
     error: BaseException | None = None
     token = _usage.set(usage)
+    caught = False
     try:
         await _pump(behavior(request, context), write)
     except asyncio.CancelledError:
-        if not stopped:
-            raise  # the caller itself was cancelled (the gateway went away)
-        task.uncancel()
+        caught = True
+        if asked:
+            task.uncancel()
+        if task.cancelling() > base:
+            raise  # the caller itself was cancelled too (the gateway went away)
+        stopped = True  # by the gateway, or something the behaviour awaited was
     except Exception as failure:
         error = failure
     finally:
         running = False
+        if asked and not caught:
+            task.uncancel()  # the behaviour swallowed the stop: it ended by itself
         _usage.reset(token)
         stopping.cancel()
     ended = "stopped" if stopped else "error" if error is not None else "ok"

@@ -10,10 +10,12 @@ tests/test_gateway_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -288,3 +290,77 @@ async def test_a_settled_call_runs_in_its_callers_task_and_a_stop_ends_it_there(
     assert tasks == [call]
     assert settled.stopped and settled.error is None and written == ["first"]
     assert not call.cancelled()
+
+
+async def _settle(behavior: Any, stop: asyncio.Future[None]) -> tuple[Any, int]:
+    """run_settled in this task: its settlement, and the cancellations still
+    asked of this task after it."""
+    from dreamsight_server.lanes import LaneCallContext
+    from dreamsight_server.metering import run_settled
+
+    async def write(message: object) -> None:
+        pass
+
+    context: Any = LaneCallContext([], None)
+    settled = await run_settled(behavior, None, context, write, stop, "T/M")
+    task = asyncio.current_task()
+    assert task is not None
+    return settled, task.cancelling()
+
+
+async def test_a_settled_call_cancelled_from_outside_as_it_is_stopped_stays_cancelled() -> None:
+    """The gateway's stop and the caller's own cancellation (the gateway went
+    away) together: the serving task ends cancelled, as it would without the
+    stop, not settled as if only stopped."""
+    cleaned: list[bool] = []
+
+    async def behavior(request: object, context: object) -> AsyncIterator[str]:
+        try:
+            yield "first"
+            await asyncio.sleep(30)
+        finally:
+            cleaned.append(True)
+
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(_settle(behavior, stop))
+    await asyncio.sleep(0.05)
+    stop.set_result(None)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert cleaned == [True]
+
+
+async def test_a_behaviour_cancelled_by_what_it_awaited_settles_stopped() -> None:
+    """Something the behaviour awaited was cancelled (not the call): it ends
+    stopped and settles, so its end still reaches the gateway."""
+    awaited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def behavior(request: object, context: object) -> AsyncIterator[str]:
+        yield "first"
+        await awaited
+
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(_settle(behavior, stop))
+    await asyncio.sleep(0.05)
+    awaited.cancel()
+    settled, cancelling = await asyncio.wait_for(call, 5)
+    assert settled.stopped and settled.error is None and cancelling == 0
+
+
+async def test_a_behaviour_that_swallows_the_stop_ends_by_itself_and_leaves_no_cancel() -> None:
+    """A behaviour that catches the stop's cancellation and returns ended by
+    itself (not stopped), and the serving task is left with no cancellation
+    asked of it."""
+
+    async def behavior(request: object, context: object) -> AsyncIterator[str]:
+        yield "first"
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(_settle(behavior, stop))
+    await asyncio.sleep(0.05)
+    stop.set_result(None)
+    settled, cancelling = await asyncio.wait_for(call, 5)
+    assert not settled.stopped and settled.error is None and cancelling == 0

@@ -145,17 +145,20 @@ async def run_settled(
     The behaviour runs in the calling task, not a task of its own: under load
     each task's start waits a turn of the busy event loop, a millisecond on
     the way to the engine (docs/benchmarks.md, twelfth round). A stop cancels
-    the calling task while the behaviour runs, and the cancellation ends here."""
+    the calling task while the behaviour runs, and the cancellation ends here;
+    the call ends as it did in a task of its own (stopped, failed, done, or
+    cancelled from outside). A context variable the behaviour sets stays set
+    in the calling task: behaviours leave them alone (the usage is set here)."""
     request_id_var.set(_metadata_value(context, REQUEST_ID_HEADER))
     usage = CallUsage(allowance=_allowance(context))
     task = asyncio.current_task()
     assert task is not None, "run_settled runs in a task"
-    base = task.cancelling()  # cancellations asked of the task from outside
+    base = task.cancelling()  # cancellations asked of the task before the call
     running, asked, stopped = True, False, False
 
     def stop_now(_: object) -> None:
         nonlocal asked
-        if running and not asked and task.cancelling() == base:
+        if running and not asked:
             asked = True
             task.cancel()  # stop now; the engine waits for its work to stop
 
@@ -182,6 +185,8 @@ async def run_settled(
             task.uncancel()  # the behaviour swallowed the stop: it ended by itself
         _usage.reset(token)
         stopping.cancel()
+    if task.cancelling() > base:  # cancelled from outside, and the behaviour swallowed it
+        raise asyncio.CancelledError
     ended = "stopped" if stopped else "error" if error is not None else "ok"
     log.info(
         "settled %s tenant=%s request_id=%s gpu_seconds=%r ended=%s",

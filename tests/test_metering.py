@@ -364,3 +364,36 @@ async def test_a_behaviour_that_swallows_the_stop_ends_by_itself_and_leaves_no_c
     stop.set_result(None)
     settled, cancelling = await asyncio.wait_for(call, 5)
     assert not settled.stopped and settled.error is None and cancelling == 0
+
+
+async def test_a_stop_during_the_behaviours_own_timeout_still_stops_it() -> None:
+    """The gateway's stop arrives while a timeout inside the behaviour is
+    cancelling it (its cleanup awaiting): the call ends stopped, its fallback
+    never runs."""
+    written: list[str] = []
+
+    async def behavior(request: object, context: object) -> AsyncIterator[str]:
+        yield "first"
+        try:
+            async with asyncio.timeout(0.01):
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    await asyncio.sleep(0.3)  # cleanup, the timeout's cancel in flight
+                    raise
+        except TimeoutError:
+            yield "fallback"
+
+    async def record(message: str) -> None:
+        written.append(message)
+
+    from dreamsight_server.lanes import LaneCallContext
+    from dreamsight_server.metering import run_settled
+
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    context: Any = LaneCallContext([], None)
+    call = asyncio.ensure_future(run_settled(behavior, None, context, record, stop, "T/M"))
+    await asyncio.sleep(0.15)
+    stop.set_result(None)
+    settled = await asyncio.wait_for(call, 5)
+    assert settled.stopped and written == ["first"]

@@ -397,3 +397,21 @@ async def test_a_stop_during_the_behaviours_own_timeout_still_stops_it() -> None
     stop.set_result(None)
     settled = await asyncio.wait_for(call, 5)
     assert settled.stopped and written == ["first"]
+
+
+async def test_an_outside_cancel_the_behaviour_swallows_still_ends_the_call_cancelled() -> None:
+    """The caller's own cancellation (the gateway went away), caught and ignored
+    by the behaviour: the serving task still ends cancelled, as it did when the
+    behaviour ran in a task of its own."""
+
+    async def behavior(request: object, context: object) -> AsyncIterator[str]:
+        yield "first"
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(_settle(behavior, stop))
+    await asyncio.sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call

@@ -308,6 +308,14 @@ async def _settle(behavior: Any, stop: asyncio.Future[None]) -> tuple[Any, int]:
     return settled, task.cancelling()
 
 
+async def _swallows_cancels(request: object, context: object) -> AsyncIterator[str]:
+    """A behaviour that writes once, then catches the cancellation of its wait
+    and returns."""
+    yield "first"
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(30)
+
+
 async def test_a_settled_call_cancelled_from_outside_as_it_is_stopped_stays_cancelled() -> None:
     """The gateway's stop and the caller's own cancellation (the gateway went
     away) together: the serving task ends cancelled, as it would without the
@@ -353,13 +361,8 @@ async def test_a_behaviour_that_swallows_the_stop_ends_by_itself_and_leaves_no_c
     itself (not stopped), and the serving task is left with no cancellation
     asked of it."""
 
-    async def behavior(request: object, context: object) -> AsyncIterator[str]:
-        yield "first"
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(30)
-
     stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    call = asyncio.ensure_future(_settle(behavior, stop))
+    call = asyncio.ensure_future(_settle(_swallows_cancels, stop))
     await asyncio.sleep(0.05)
     stop.set_result(None)
     settled, cancelling = await asyncio.wait_for(call, 5)
@@ -404,13 +407,8 @@ async def test_an_outside_cancel_the_behaviour_swallows_still_ends_the_call_canc
     by the behaviour: the serving task still ends cancelled, as it did when the
     behaviour ran in a task of its own."""
 
-    async def behavior(request: object, context: object) -> AsyncIterator[str]:
-        yield "first"
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(30)
-
     stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    call = asyncio.ensure_future(_settle(behavior, stop))
+    call = asyncio.ensure_future(_settle(_swallows_cancels, stop))
     await asyncio.sleep(0.05)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):

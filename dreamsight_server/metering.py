@@ -165,7 +165,7 @@ async def run_settled(
     stopping = asyncio.ensure_future(stop)
     stopping.add_done_callback(_retrieve)
     stopping.add_done_callback(stop_now)
-    error: BaseException | None = None
+    error: Exception | None = None
     token = _usage.set(usage)
     caught = False
     try:

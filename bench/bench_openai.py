@@ -25,8 +25,12 @@ project's virtualenv (random dataset, 32 prompt tokens and up to 32 out,
 temperature 0, both stopping at end-of-sequence), alternating ours and vLLM's
 at each concurrency, ``--rounds`` times. The token totals of the two sides
 must match (same model, greedy): the run fails if they do not. Reports
-output tokens/s (median over rounds), TTFT p50, and how full each engine's
-steps ran (tokens per step, from each server's histogram of it); the last line is::
+output tokens/s (median over rounds), TTFT p50, how full each engine's
+steps ran (tokens per step, from each server's histogram of it), each
+process's CPU and time waiting for a core (runnable, not running: the
+threads' run delay in ``/proc``) per output token, and the ratio round by
+round (median, range, rounds won: how far the shared machine's slow spells
+move it); the last line is::
 
     bench openai: tok_s_ratio_c1=A tok_s_ratio_c8=B tok_s_ratio_c16=C ttft_p50_added_ms_c1=D
 
@@ -107,18 +111,34 @@ def _vllm_bench(
     return result
 
 
-def _cpu_parts(proc: subprocess.Popen[bytes]) -> dict[str, float]:
-    """CPU time (user + system) of a process and of its children, by part: the
-    process itself, vLLM's engine core and its workers (children of the server that
-    started them), anything else."""
+_MEASURES = ("CPU", "waiting for a core")
+"""What ``_cpu_parts`` adds up: time running, and time runnable but not running."""
+
+
+def _run_delay(pid: int, tid: int) -> float:
+    """Seconds a thread has been runnable but not running (the second field of its
+    schedstat; Linux), 0 where the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _cpu_parts(proc: subprocess.Popen[bytes]) -> dict[tuple[str, str], float]:
+    """Seconds of CPU (user + system) and of waiting for a core (every thread's
+    run delay) of a process and of its children, by (measure, part): the process
+    itself, vLLM's engine core and its workers (children of the server that started
+    them), anything else."""
     import psutil  # type: ignore[import-untyped]
 
-    parts: dict[str, float] = {}
+    parts: dict[tuple[str, str], float] = {}
     try:
         root = psutil.Process(proc.pid)
         for p in [root, *root.children(recursive=True)]:
             try:
                 times = p.cpu_times()
+                threads = p.threads()
                 title = f"{p.name()} {' '.join(p.cmdline()[:1])}"
             except psutil.Error:
                 continue
@@ -128,7 +148,9 @@ def _cpu_parts(proc: subprocess.Popen[bytes]) -> dict[str, float]:
                 else "worker" if "Worker" in title
                 else "other"
             )  # fmt: skip
-            parts[part] = parts.get(part, 0.0) + times.user + times.system
+            spent = (times.user + times.system, sum(_run_delay(p.pid, t.id) for t in threads))
+            for measure, seconds in zip(_MEASURES, spent, strict=True):
+                parts[(measure, part)] = parts.get((measure, part), 0.0) + seconds
     except psutil.Error:
         pass
     return parts
@@ -181,6 +203,26 @@ def _ratios(
         " ".join(f"tok_s_ratio_c{c}={ratio[c]:.3f}" for c in levels)
         + f" ttft_p50_added_ms_c{levels[0]}={added:.2f}"
     )
+
+
+def _paired(
+    results: dict[tuple[str, int], list[dict[str, Any]]], name: str, levels: list[int]
+) -> str:
+    """tok/s ratios round by round (each round runs the two sides one after the other,
+    so a slow spell of the shared machine hits both): median, range, rounds at or
+    above 1."""
+    rows = []
+    for c in levels:
+        ratios = sorted(
+            ours["output_throughput"] / theirs["output_throughput"]
+            for ours, theirs in zip(results[(name, c)], results[("vllm", c)], strict=True)
+        )
+        wins = sum(r >= 1.0 for r in ratios)
+        rows.append(
+            f"c={c}: {statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f}, "
+            f"{wins} of {len(ratios)} rounds >= 1)"
+        )
+    return "  ".join(rows)
 
 
 def main() -> None:
@@ -266,8 +308,8 @@ def main() -> None:
             _vllm_bench(url, model, 4, 8, workdir / f"warm-{name}.json", keys[name])
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
         stages: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        cpu: dict[tuple[str, int], list[float]] = {}  # process -> CPU-ms per output token
-        parts: dict[tuple[str, str, int], list[float]] = {}  # (process, part, c) -> the same
+        cpu: dict[tuple[str, str, int], list[float]] = {}  # (process, measure, c) -> ms/token
+        parts: dict[tuple[str, str, str, int], list[float]] = {}  # (.., part, c) -> the same
         steps: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (tokens, steps) per run
         step_metric = {
             name: (path.vision_metrics, "dreamsight_vision_engine_step_tokens")
@@ -301,12 +343,14 @@ def main() -> None:
                     for n, p in trees[name].items():
                         now = _cpu_parts(p)
                         spent = {k: v - cpu_before[n].get(k, 0.0) for k, v in now.items()}
-                        cpu.setdefault((n, concurrency), []).append(
-                            1e3 * sum(spent.values()) / tokens
-                        )
-                        for part, seconds in spent.items():
-                            key3 = (n, part, concurrency)
-                            parts.setdefault(key3, []).append(1e3 * seconds / tokens)
+                        for measure in _MEASURES:
+                            total = sum(v for (m, _), v in spent.items() if m == measure)
+                            cpu.setdefault((n, measure, concurrency), []).append(
+                                1e3 * total / tokens
+                            )
+                        for (measure, part), seconds in spent.items():
+                            key4 = (n, measure, part, concurrency)
+                            parts.setdefault(key4, []).append(1e3 * seconds / tokens)
                     if mine is not None and before is not None:
                         after = _stage_totals(mine)
                         stages.setdefault((name, concurrency), []).append(_means(before, after))
@@ -346,18 +390,28 @@ def main() -> None:
                 for c in levels
             )
             print(f"  {name:7} {row}")
-        print("\nCPU per output token (ms, process and its children), by concurrency:")
-        for process in [n for side in trees.values() for n in side]:
-            row = "  ".join(f"c={c}: {statistics.median(cpu[(process, c)]):6.2f}" for c in levels)
-            print(f"  {process:32} {row}")
-            for part in ("front end", "engine core", "worker", "other"):
-                if (process, part, levels[0]) not in parts:
-                    continue
+        for measure in _MEASURES:
+            print(
+                f"\n{measure} per output token (ms, process and its children, all their "
+                "threads), by concurrency:"
+            )
+            for process in [n for side in trees.values() for n in side]:
                 row = "  ".join(
-                    f"c={c}: {statistics.median(parts.get((process, part, c), [0.0])):6.2f}"
-                    for c in levels
+                    f"c={c}: {statistics.median(cpu[(process, measure, c)]):6.2f}" for c in levels
                 )
-                print(f"    {part:30} {row}")
+                print(f"  {process:32} {row}")
+                for part in ("front end", "engine core", "worker", "other"):
+                    if (process, measure, part, levels[0]) not in parts:
+                        continue
+                    row = "  ".join(
+                        f"c={c}: "
+                        f"{statistics.median(parts.get((process, measure, part, c), [0.0])):6.2f}"
+                        for c in levels
+                    )
+                    print(f"    {part:30} {row}")
+        print("\ntok/s ratios round by round, ours / vLLM's server:")
+        for name in ours:
+            print(f"  {name:7} {_paired(results, name, levels)}")
         print(f"(logs and results in {workdir})")
         if "ours-ee" in ours:
             print(f"ours with gRPC's core as it ships: {_ratios(summary, 'ours-ee', levels)}")

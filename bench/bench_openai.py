@@ -227,7 +227,7 @@ def _paired(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,16")
     parser.add_argument("--model", type=Path, default=None, help="a LLaVA directory")

@@ -59,6 +59,8 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
             health_pb2.HealthCheckResponse.NOT_SERVING,
             health_pb2.HealthCheckResponse.SERVING,
         }
+        # Its own process: vLLM's environment read once, as in vLLM's engine core.
+        assert "vLLM's environment variables are read once from now on" in service.log(10**6)
         # Placed once its engine was up: off the core vLLM bound its CPU worker to
         # (the engine core too, while the engine is not busy).
         tree = psutil.Process(service.proc.pid).children(recursive=True)
@@ -69,6 +71,10 @@ def test_sigterm_drains_streams_then_exits(llava_dir: Path) -> None:
         for process in [psutil.Process(service.proc.pid), *tree]:
             if process not in workers:
                 assert not set(process.cpu_affinity()) & taken, process.cmdline()[:1]
+        # The front end (every thread) under SCHED_BATCH; vLLM's processes as vLLM left them.
+        tids = os.listdir(f"/proc/{service.proc.pid}/task")
+        assert {os.sched_getscheduler(int(t)) for t in tids} == {os.SCHED_BATCH}
+        assert {os.sched_getscheduler(p.pid) for p in tree} == {os.SCHED_OTHER}
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
 

@@ -48,6 +48,9 @@ class VisionService:
     async def load(self) -> None:
         """Load the model, then report SERVING."""
         await self.engine.start()
+        if self.own_process:
+            self.engine.cache_vllm_environment()
+            log.info("vLLM's environment variables are read once from now on")
         if self.own_process and self.settings.place_off_workers and self.engine.on_cpu:
             shift = placement.EngineCoreShift.find(free=placement.keep_off_workers())
             if shift is not None:

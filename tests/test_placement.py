@@ -47,6 +47,11 @@ time.sleep(60)
 """
 
 
+def policies_of(pid: int) -> set[int]:
+    """The scheduling policies of a process's threads."""
+    return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
 def cores_of(pid: int) -> set[int]:
     """The cores of every thread of a process (one set when they agree)."""
     sets = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
@@ -97,6 +102,9 @@ def test_front_end_and_engine_core_move_off_the_workers_cores(
     assert cores_of(parent) == free
     assert cores_of(core) == free
     assert cores_of(worker) == set(CORES[:1])  # the worker keeps its own
+    # The front end yields on waking; vLLM's engine core and worker as they were.
+    assert policies_of(parent) == {os.SCHED_BATCH}
+    assert policies_of(core) == policies_of(worker) == {os.SCHED_OTHER}
 
 
 @pytest.mark.parametrize("tree", [(CORES[:1], SLEEPER)], indirect=True)
@@ -141,6 +149,7 @@ def test_nothing_moves_when_the_workers_cover_every_core(tree: tuple[int, int, i
     assert keep_off_workers(parent) is None
     assert cores_of(parent) == set(CORES)
     assert cores_of(core) == set(CORES)
+    assert policies_of(parent) == {os.SCHED_OTHER}
 
 
 def test_nothing_moves_without_workers() -> None:
@@ -157,11 +166,28 @@ def test_the_gateway_goes_beside_a_placed_vision_service() -> None:
     vision = subprocess.Popen([sys.executable, "-c", SLEEPER])
     gateway = subprocess.Popen([sys.executable, "-c", SLEEPER])
     try:
+        os.sched_setscheduler(vision.pid, os.SCHED_BATCH, os.sched_param(0))
         place_beside(gateway.pid, vision.pid)  # the vision service not placed: nothing moves
         assert cores_of(gateway.pid) == set(CORES)
+        assert policies_of(gateway.pid) == {os.SCHED_OTHER}
         os.sched_setaffinity(vision.pid, CORES[1:])
         place_beside(gateway.pid, vision.pid)
         assert cores_of(gateway.pid) == set(CORES[1:])
+        assert policies_of(gateway.pid) == {os.SCHED_BATCH}  # as the vision service runs
+    finally:
+        for process in (vision, gateway):
+            process.kill()
+            process.wait()
+
+
+def test_the_gateway_keeps_its_policy_beside_a_vision_service_without_one() -> None:
+    vision = subprocess.Popen([sys.executable, "-c", SLEEPER])
+    gateway = subprocess.Popen([sys.executable, "-c", SLEEPER])
+    try:
+        os.sched_setaffinity(vision.pid, CORES[1:])  # placed, but not under SCHED_BATCH
+        place_beside(gateway.pid, vision.pid)
+        assert cores_of(gateway.pid) == set(CORES[1:])
+        assert policies_of(gateway.pid) == {os.SCHED_OTHER}
     finally:
         for process in (vision, gateway):
             process.kill()

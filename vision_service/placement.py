@@ -16,6 +16,19 @@ not a worker onto the cores no worker is bound to. Nothing moves where the
 workers are bound to no core of their own (GPUs, ``nobind``), where they
 cover every core, or where the platform cannot say (no ``sched_setaffinity``).
 
+The front ends placed there pass each message on by waking another thread on
+the same cores: the vision service's write of a lane reply wakes the gateway,
+whose writes wake their clients, and each gRPC write wakes gRPC's poller
+thread. The kernel lets a woken thread take the core at once from the one
+that woke it, which then waits for a core with its work half done: with 8
+chats at once, a third of the vision service's event loop samples (py-spy)
+sat inside its lane writes' ``sendmsg`` and ``eventfd`` writes. So the moved
+front end (this process, not vLLM's engine core or workers) runs under
+``SCHED_BATCH``, whose woken threads wait for the running one to block or
+spend its time slice, and the gateway placed beside it takes the same policy
+(``dreamsight up``): each finishes what it has before the other runs.
+Measured with ``make bench-openai`` (docs/benchmarks.md, fourteenth round).
+
 Where that leaves a single core (vLLM's one reserved core on a machine of one
 worker), the front ends and the engine core crowd onto it under load, and the
 worker waits for the engine core. :class:`EngineCoreShift` then moves the
@@ -79,10 +92,22 @@ def pin(pid: int, cores: Iterable[int]) -> None:
             os.sched_setaffinity(tid, cores)
 
 
+def run_as_batch(pid: int) -> None:
+    """Every thread of process pid under ``SCHED_BATCH`` (those started later
+    inherit it): woken, they wait for the thread running to block or spend its
+    time slice (see the module doc). Nothing changes where Linux's policies are
+    not available."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return
+    for tid in _threads(pid):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+
+
 def keep_off_workers(root: int | None = None) -> set[int] | None:
     """Move process root (this one by default) and its descendants other than
-    vLLM's workers off the workers' cores; the cores they run on now, or None
-    when nothing moved (see the module doc)."""
+    vLLM's workers off the workers' cores, and run root under SCHED_BATCH; the
+    cores they run on now, or None when nothing moved (see the module doc)."""
     if not hasattr(os, "sched_setaffinity"):
         return None
     try:
@@ -98,11 +123,12 @@ def keep_off_workers(root: int | None = None) -> set[int] | None:
             if process not in workers:
                 with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError):
                     pin(process.pid, free)
+        run_as_batch(top.pid)
     except (psutil.Error, OSError) as error:  # placement is an optimization: never fatal
         log.warning("could not move the front end off vLLM's CPU workers: %s", error)
         return None
     log.info(
-        "front end and engine core on cores %s, off vLLM's CPU workers on %s",
+        "front end (SCHED_BATCH) and engine core on cores %s, off vLLM's CPU workers on %s",
         sorted(free),
         sorted(taken),
     )

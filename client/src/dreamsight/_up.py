@@ -226,8 +226,9 @@ def start(
 
 def place_beside(pid: int, beside: int) -> None:
     """Run process pid (every thread; those started later inherit it) on the cores
-    process beside runs on, when it keeps to fewer than this machine's: the vision
-    service moves itself off vLLM's CPU workers' cores once its engine is up
+    process beside runs on, and under SCHED_BATCH where it runs so, when it keeps
+    to fewer than this machine's: the vision service moves itself off vLLM's CPU
+    workers' cores once its engine is up and runs under SCHED_BATCH
     (vision_service/placement.py), and the gateway, whose streams it feeds, goes
     with it. Linux only; elsewhere, or if either process is gone, nothing moves."""
     if not hasattr(os, "sched_setaffinity"):
@@ -236,9 +237,12 @@ def place_beside(pid: int, beside: int) -> None:
         cores = os.sched_getaffinity(beside)
         if cores == os.sched_getaffinity(0):
             return
+        batch = os.sched_getscheduler(beside) == os.SCHED_BATCH
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                 os.sched_setaffinity(int(tid), cores)
+                if batch:
+                    os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
     except OSError:
         return
 

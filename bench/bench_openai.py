@@ -13,8 +13,9 @@ vLLM's off for the comparison with its leanest setting):
   that admits the whole load), then the vision service (its own process, with
   the backend secret), then vLLM; the vision service moves itself and vLLM's
   engine core off vLLM's CPU worker's cores once loaded (the engine core
-  beside the worker while the engine is busy, where one core is left), and
-  the gateway goes beside it, as under ``dreamsight up``
+  beside the worker while the engine is busy, where one core is left) and
+  runs its own threads under ``SCHED_BATCH``, and the gateway goes beside it
+  under the same policy, as under ``dreamsight up``
   (vision_service/placement.py);
 - **vllm**: vLLM's own OpenAI server (``python -m
   vllm.entrypoints.openai.api_server``), where vLLM places it
@@ -246,10 +247,10 @@ def main() -> None:
     parser.add_argument(
         "--vllm-placed",
         action="store_true",
-        help="also move vLLM's server and its engine core off its CPU worker's cores, as "
-        "the vision service moves itself (vision_service/placement.py; not the engine "
-        "core's shift beside the worker under load), instead of leaving them where vLLM "
-        "leaves them",
+        help="also move vLLM's server and its engine core off its CPU worker's cores, "
+        "the server under SCHED_BATCH, as the vision service moves itself "
+        "(vision_service/placement.py; not the engine core's shift beside the worker "
+        "under load), instead of leaving them where and as vLLM leaves them",
     )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]

@@ -165,29 +165,20 @@ def test_nothing_moves_without_workers() -> None:
 def test_the_gateway_goes_beside_a_placed_vision_service() -> None:
     vision = subprocess.Popen([sys.executable, "-c", SLEEPER])
     gateway = subprocess.Popen([sys.executable, "-c", SLEEPER])
+    batch, other = os.SCHED_BATCH, os.SCHED_OTHER
     try:
-        os.sched_setscheduler(vision.pid, os.SCHED_BATCH, os.sched_param(0))
+        os.sched_setscheduler(vision.pid, batch, os.sched_param(0))
         place_beside(gateway.pid, vision.pid)  # the vision service not placed: nothing moves
         assert cores_of(gateway.pid) == set(CORES)
-        assert policies_of(gateway.pid) == {os.SCHED_OTHER}
+        assert policies_of(gateway.pid) == {other}
         os.sched_setaffinity(vision.pid, CORES[1:])
-        place_beside(gateway.pid, vision.pid)
+        os.sched_setscheduler(vision.pid, other, os.sched_param(0))
+        place_beside(gateway.pid, vision.pid)  # placed, under no other policy
         assert cores_of(gateway.pid) == set(CORES[1:])
-        assert policies_of(gateway.pid) == {os.SCHED_BATCH}  # as the vision service runs
-    finally:
-        for process in (vision, gateway):
-            process.kill()
-            process.wait()
-
-
-def test_the_gateway_keeps_its_policy_beside_a_vision_service_without_one() -> None:
-    vision = subprocess.Popen([sys.executable, "-c", SLEEPER])
-    gateway = subprocess.Popen([sys.executable, "-c", SLEEPER])
-    try:
-        os.sched_setaffinity(vision.pid, CORES[1:])  # placed, but not under SCHED_BATCH
+        assert policies_of(gateway.pid) == {other}
+        os.sched_setscheduler(vision.pid, batch, os.sched_param(0))
         place_beside(gateway.pid, vision.pid)
-        assert cores_of(gateway.pid) == set(CORES[1:])
-        assert policies_of(gateway.pid) == {os.SCHED_OTHER}
+        assert policies_of(gateway.pid) == {batch}  # as the vision service runs
     finally:
         for process in (vision, gateway):
             process.kill()

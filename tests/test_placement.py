@@ -108,6 +108,23 @@ def test_front_end_and_engine_core_move_off_the_workers_cores(
 
 
 @pytest.mark.parametrize("tree", [(CORES[:1], SLEEPER)], indirect=True)
+def test_a_refused_policy_leaves_the_placement_standing(
+    tree: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox that refuses SCHED_BATCH (seccomp) still gets the cores."""
+    parent, core, _ = tree
+
+    def refuse(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    free = set(CORES[1:])
+    assert keep_off_workers(parent) == free
+    assert cores_of(parent) == cores_of(core) == free
+    assert policies_of(parent) == {os.SCHED_OTHER}
+
+
+@pytest.mark.parametrize("tree", [(CORES[:1], SLEEPER)], indirect=True)
 def test_the_engine_core_goes_beside_the_worker_while_the_engine_is_busy(
     tree: tuple[int, int, int],
 ) -> None:

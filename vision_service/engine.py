@@ -163,7 +163,7 @@ class VllmChatEngine:
         log.info("vision engine ready: %s (%s)", s.model_name, s.model)
 
     def cache_vllm_environment(self) -> None:
-        """Have vLLM read its environment variables once from now on, as it has its
+        """Have vLLM read its environment variables once from now on, as vLLM has its
         engine core and workers do once they are up. Its output path on this event
         loop reads one for every request at every step (``VLLM_COMPUTE_NANS_IN_LOGITS``:
         1.8 us a read, 0.3 us cached); vLLM's own server reads it each time. It fixes

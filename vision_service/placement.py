@@ -21,8 +21,8 @@ the same cores: the vision service's write of a lane reply wakes the gateway,
 whose writes wake their clients, and each gRPC write wakes gRPC's poller
 thread. The kernel lets a woken thread take the core at once from the one
 that woke it, which then waits for a core with its work half done: with 8
-chats at once, a third of the vision service's event loop samples (py-spy)
-sat inside its lane writes' ``sendmsg`` and ``eventfd`` writes. So the moved
+chats at once, almost a third of the vision service's samples (py-spy) sat
+inside its lane writes' ``sendmsg`` and ``eventfd`` writes. So the moved
 front end (this process, not vLLM's engine core or workers) runs under
 ``SCHED_BATCH``, whose woken threads wait for the running one to block or
 spend its time slice, and the gateway placed beside it takes the same policy
@@ -99,9 +99,12 @@ def run_as_batch(pid: int) -> None:
     not available."""
     if not hasattr(os, "SCHED_BATCH"):
         return
-    for tid in _threads(pid):
-        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+    try:
+        for tid in _threads(pid):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+    except OSError as error:  # a sandbox that refuses it: the placement stands
+        log.warning("could not run the front end under SCHED_BATCH: %s", error)
 
 
 def keep_off_workers(root: int | None = None) -> set[int] | None:

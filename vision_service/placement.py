@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psutil  # type: ignore[import-untyped]
@@ -84,12 +84,17 @@ def cores_of(pid: int) -> set[int]:
     return cores
 
 
+def _each_thread(pid: int, act: Callable[[int], object]) -> None:
+    """act(tid) for every thread of process pid (one that just ended is skipped)."""
+    for tid in _threads(pid):
+        with contextlib.suppress(ProcessLookupError):
+            act(tid)
+
+
 def pin(pid: int, cores: Iterable[int]) -> None:
     """Run every thread of process pid on these cores only."""
     cores = set(cores)
-    for tid in _threads(pid):
-        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-            os.sched_setaffinity(tid, cores)
+    _each_thread(pid, lambda tid: os.sched_setaffinity(tid, cores))
 
 
 def run_as_batch(pid: int) -> None:
@@ -99,10 +104,9 @@ def run_as_batch(pid: int) -> None:
     not available."""
     if not hasattr(os, "SCHED_BATCH"):
         return
+    batch = os.sched_param(0)
     try:
-        for tid in _threads(pid):
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+        _each_thread(pid, lambda tid: os.sched_setscheduler(tid, os.SCHED_BATCH, batch))
     except OSError as error:  # a sandbox that refuses it: the placement stands
         log.warning("could not run the front end under SCHED_BATCH: %s", error)
 
